@@ -1,0 +1,85 @@
+"""Shared timing for benches: round-robin samples, min and median, environment metadata.
+
+Variants are timed in turn inside each round, so slow drifts of a shared host (other jobs, turbo,
+thermal) hit every variant alike; the minimum is the most repeatable figure on a noisy 2-core host,
+the median is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_round_robin(
+    variants: dict[str, Callable[[], object]], *, device: str = "cpu", rounds: int = 15, min_sample_s: float = 0.004
+) -> dict[str, dict[str, float]]:
+    """Time each variant ``rounds`` times, interleaved; returns ms per call (min, median, iqr)."""
+    inner: dict[str, int] = {}
+    for name, fn in variants.items():  # warm up and choose calls per sample
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max(time.perf_counter() - t0, 1e-7)
+        inner[name] = max(1, min(10_000, int(min_sample_s / one)))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            n = inner[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / n * 1e3)
+    out = {}
+    for name, xs in samples.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) >= 4 else [min(xs), statistics.median(xs), max(xs)]
+        out[name] = {"min_ms": min(xs), "median_ms": statistics.median(xs), "iqr_ms": q[2] - q[0], "calls_per_sample": inner[name]}
+    return out
+
+
+def metadata(device: str) -> dict[str, object]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    meta: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
+    return meta
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path

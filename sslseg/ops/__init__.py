@@ -1,0 +1,11 @@
+"""sslseg's custom operators: fused kernels with pure-PyTorch reference twins.
+
+Each op lives in its own module (``sslseg/ops/<op>.py``) with a typed public wrapper, a fake
+(meta) kernel for ``torch.compile``/``torch.export`` and a ``_reference`` twin used when the
+compiled extension is absent (with a warning; an error under ``SSLSEG_REQUIRE_OPS=1``).
+"""
+
+from sslseg.ops._loader import build_info, has_ops, list_ops, missing_kernels, require_ops
+from sslseg.ops.ema import ema_decay, ema_update_
+
+__all__ = ["build_info", "ema_decay", "ema_update_", "has_ops", "list_ops", "missing_kernels", "require_ops"]

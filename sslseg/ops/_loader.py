@@ -1,0 +1,107 @@
+"""Loading of the compiled operators (``sslseg._C``).
+
+Importing ``sslseg._C`` runs the static registrations of every ``torch.ops.sslseg.*`` op. When the
+extension is missing or broken, op wrappers fall back to their pure-PyTorch reference twins and warn
+once; with ``SSLSEG_REQUIRE_OPS=1`` (set by the tests and CI) they raise instead, so that a broken
+build cannot hide behind the fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+_REQUIRE_ENV = "SSLSEG_REQUIRE_OPS"
+
+
+@lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+    """Import ``sslseg._C`` once; returns (loaded, error text)."""
+    try:
+        importlib.import_module("sslseg._C")
+    except Exception as exc:  # ImportError, OSError (bad rpath), RuntimeError (schema clash)
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def has_ops() -> bool:
+    """True when the compiled sslseg operators are loaded and registered."""
+    return _load()[0]
+
+
+def _failure_message() -> str:
+    error = _load()[1]
+    return (
+        "sslseg's compiled operators (sslseg._C) could not be loaded.\n"
+        f"  error: {error}\n"
+        f"  torch: {torch.__version__} (CUDA {torch.version.cuda})\n"
+        "Likely causes: sslseg was installed without building the extension, or it was built\n"
+        "against a different torch than the one installed now (torch is not a build requirement:\n"
+        "the extension must be compiled against the torch it runs with).\n"
+        "Fix: reinstall against the current torch with\n"
+        "  pip install --no-build-isolation -e .        (from a source checkout)\n"
+        "  pip install --no-build-isolation --force-reinstall --no-deps sslseg\n"
+        "and, for the real dlopen error, run: python -c \"import torch, ctypes, sslseg, glob, os; "
+        "ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(sslseg.__file__), '_C*.so'))[0])\""
+    )
+
+
+def require_ops() -> None:
+    """Raise ``RuntimeError`` with the likely cause and fix unless the compiled ops are loaded."""
+    if not has_ops():
+        raise RuntimeError(_failure_message())
+
+
+def ops_required() -> bool:
+    """True when ``SSLSEG_REQUIRE_OPS`` asks for a missing extension to be an error."""
+    return os.environ.get(_REQUIRE_ENV, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+@lru_cache(maxsize=None)
+def _warn_fallback_once() -> None:
+    warnings.warn(
+        "sslseg: compiled operators unavailable, using the pure-PyTorch reference "
+        f"implementations (slower). Set {_REQUIRE_ENV}=1 to make this an error.\n" + _failure_message(),
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def use_compiled() -> bool:
+    """Whether op wrappers should call ``torch.ops.sslseg``; warns once or raises otherwise."""
+    if has_ops():
+        return True
+    if ops_required():
+        require_ops()
+    _warn_fallback_once()
+    return False
+
+
+def build_info() -> dict[str, str]:
+    """What the loaded extension was compiled with, e.g. ``{"cuda": "1", "torch": "2.14.1"}``."""
+    require_ops()
+    text = torch.ops.sslseg._build_info()
+    return dict(item.split("=", 1) for item in text.split(";"))
+
+
+# Ops that take no tensors and so have one backend-independent kernel.
+_DEVICE_INDEPENDENT = frozenset({"sslseg::_build_info"})
+
+
+def list_ops() -> list[str]:
+    """Qualified names (``sslseg::<op>``) of every registered sslseg operator."""
+    require_ops()
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("sslseg::"))
+
+
+def missing_kernels(dispatch_key: str) -> list[str]:
+    """Ops that have no kernel for ``dispatch_key`` (``"CPU"`` or ``"CUDA"``); empty when complete."""
+    return [
+        name
+        for name in list_ops()
+        if name not in _DEVICE_INDEPENDENT and not torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    ]
