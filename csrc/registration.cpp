@@ -26,6 +26,28 @@ TORCH_LIBRARY(sslseg, m) {
       .def("update", &sslseg::EmaPlan::update)
       .def("size", &sslseg::EmaPlan::size);
 
+  // Exact Euclidean distance transform: float32 distance (in spacing units) from every nonzero
+  // voxel of a bool/integer mask to the nearest zero voxel, over the last len(spacing) (2 or 3)
+  // dims; leading dims are a batch. Equals scipy.ndimage.distance_transform_edt. sslseg/ops/edt.py.
+  m.def("edt(Tensor mask, float[] spacing) -> Tensor");
+
+  // Sliding-window inference (sslseg/ops/sliding_window.py). Window grid = per-dim start lists
+  // (starts: concatenated, counts: lengths); window w is batch w / prod(counts), grid position
+  // unravelled in C order. sw_gather: windows [window_begin, window_end) of volume (B, C, *S) as
+  // (N, C, *roi), pad_value outside the volume. sw_accumulate_: the windows of pred (N, C, *roi)
+  // (softmax over C first if softmax), times importance, written (first covering window) or added
+  // into out (B, C, *S), and divided by weight (*S) at the last covering window: the blending
+  // normalisation fused.
+  m.def("sw_gather(Tensor volume, int[] roi_size, int[] starts, int[] counts, int window_begin, int window_end, "
+        "float pad_value) -> Tensor");
+  m.def("sw_accumulate_(Tensor(a!) out, Tensor pred, Tensor? importance, Tensor? weight, int[] starts, "
+        "int[] counts, int window_begin, bool softmax=False) -> ()");
+
+  // MC-dropout uncertainty (sslseg/ops/mc_uncertainty.py): acc (+)= softmax(logits, 1) in one
+  // pass; then acc /= count in place and the entropy -sum p log(p + eps) (/ log C), (B, 1, *S).
+  m.def("mc_softmax_accumulate_(Tensor(a!) acc, Tensor logits, bool overwrite) -> ()");
+  m.def("mc_entropy_finalize_(Tensor(a!) acc, int count, bool normalize, float eps) -> Tensor");
+
   // Reports whether this binary was compiled with CUDA kernels (sslseg.ops.build_info()).
   m.def("_build_info() -> str", &build_info);
 }

@@ -12,11 +12,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("ops", "models", "data", "losses", "metrics", "inference", "methods", "engine")
+# Public functions, by the module that defines them (imported on first use).
+_FUNCTIONS = {
+    "fit": "sslseg.engine",
+    "Run": "sslseg.engine",
+    "list_methods": "sslseg.methods",
+    "list_models": "sslseg.models",
+    "create_model": "sslseg.models",
+}
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", *_SUBMODULES, *_FUNCTIONS]
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"sslseg.{name}")
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(_FUNCTIONS[name]), name)
     raise AttributeError(f"module 'sslseg' has no attribute {name!r}")

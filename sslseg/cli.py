@@ -1,14 +1,12 @@
 """The ``sslseg`` command line (also ``python -m sslseg``).
 
-Subcommands register themselves here, one function per area, so ``sslseg --help`` lists everything.
+Each area registers its subcommands here, so ``sslseg --help`` lists everything.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
 from collections.abc import Sequence
 
 
@@ -23,7 +21,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     print(f"running torch {torch.__version__} (CUDA {torch.version.cuda}), GPU available: {torch.cuda.is_available()}")
     for name in sslseg.ops.list_ops():
         keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
-        print(f"  {name:32s} kernels: {', '.join(keys) or 'backend-independent'}")
+        print(f"  {name:36s} kernels: {', '.join(keys) or 'backend-independent'}")
     missing = sslseg.ops.missing_kernels("CUDA") if info["cuda"] == "1" else []
     if missing:
         print(f"ops without a CUDA kernel: {missing}", file=sys.stderr)
@@ -31,35 +29,45 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """What exists today, end to end: a student/teacher pair updated by the fused EMA op."""
-    import torch
-    from torch import nn
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from sslseg.methods import get_method, list_methods
 
-    import sslseg.ops
+    for name in list_methods():
+        cls = get_method(name)
+        dims = "/".join(f"{d}D" for d in cls.dims)
+        print(f"{name:22s} {dims:6s} {cls.paper}")
+        print(f"{'':22s} options: {cls.describe() or '(none)'}")
+    return 0
 
-    sslseg.ops.require_ops()
-    torch.manual_seed(args.seed)
-    student = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1)
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from sslseg.engine import EngineConfig, fit
+    from sslseg.engine.config import load_yaml, parse_set
+    from sslseg.methods import get_method
+
+    cls = get_method(args.method)
+    base_engine, base_method = EngineConfig(), cls.Config()
+    engine_over, method_over = parse_set(args.set or [], base_engine, base_method)
+    run = fit(
+        args.method,
+        args.data,
+        labeled=args.labeled,
+        iterations=args.iterations,
+        model=args.model,
+        seed=args.seed,
+        out_dir=args.out,
+        device=args.device,
+        amp=args.amp,
+        resume=args.resume,
+        config=args.config if args.config is None else load_yaml(args.config),
+        engine_options=engine_over,
+        **method_over,
     )
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
-    x = torch.randn(8, 1, 32, 32)
-    y = (x > 0.5).long()[:, 0] + (x > 1.0).long()[:, 0]
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        loss = nn.functional.cross_entropy(student(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sslseg.ops.ema_update_(teacher, student, sslseg.ops.ema_decay(step, 0.99))
-        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
-            with torch.no_grad():
-                t_loss = nn.functional.cross_entropy(teacher.eval()(x), y).item()
-            teacher.train()
-            print(f"step {step:4d}  student loss {loss.item():.4f}  teacher loss {t_loss:.4f}")
-    print(f"{args.steps} steps in {time.perf_counter() - t0:.2f} s; teacher = fused EMA of the student")
+    best, last = run.metrics["best_val"], run.metrics["last"]
+    print(f"run: {run.dir}")
+    print(f"validation Dice (mean over foreground classes): best_val {best['dice']:.4f} at step {best['step']}, "
+          f"last {last['dice']:.4f} at step {last['step']}")
+    print(f"per class (best_val): {', '.join(f'{d:.4f}' for d in best['dice_per_class'])}")
     return 0
 
 
@@ -67,20 +75,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslseg", description="Semi-supervised medical image segmentation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    p = sub.add_parser("fit", help="train with a semi-supervised method",
+                       description="Train with a method (see `sslseg methods`). Engine and method options can be set "
+                                   "with --set key=value (e.g. --set batch_size=8 --set ema_decay=0.999) or a YAML file.")
+    p.add_argument("method", help="method name, e.g. mean_teacher, cps")
+    p.add_argument("--data", default=None, help="data folder or synthetic:<acdc|la|brats> (default synthetic:acdc)")
+    p.add_argument("--labeled", type=float, default=None, help="labeled cases: a count (7) or a fraction (0.1)")
+    p.add_argument("--iterations", type=int, default=None, help="optimizer steps")
+    p.add_argument("--model", default=None, help="network (see sslseg.list_models()); default unet / unet_3d")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="run directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16"))
+    p.add_argument("--config", default=None, help="YAML file {engine: {...}, method: {...}} (e.g. a run's config.yaml)")
+    p.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine or method option (repeatable)")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("methods", help="list the methods with their options and defaults")
+    p.set_defaults(func=_cmd_methods)
+
     p = sub.add_parser("ops", help="show the compiled operators and their CPU/CUDA kernels")
     p.set_defaults(func=_cmd_ops)
 
-    p = sub.add_parser("demo", help="a short end-to-end run of what exists on the embedded default data")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
+    from sslseg.data.cli import register_cli as register_data
+
+    register_data(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # User errors get one clear line, not a traceback.
+        print(f"sslseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

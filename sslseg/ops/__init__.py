@@ -6,6 +6,12 @@ compiled extension is absent (with a warning; an error under ``SSLSEG_REQUIRE_OP
 """
 
 from sslseg.ops._loader import build_info, has_ops, list_ops, missing_kernels, require_ops
+from sslseg.ops.edt import edt
 from sslseg.ops.ema import ema_decay, ema_update_
+from sslseg.ops.mc_uncertainty import mc_entropy_finalize_, mc_softmax_accumulate_, predictive_entropy
+from sslseg.ops.sliding_window import sw_accumulate_, sw_gather
 
 __all__ = ["build_info", "ema_decay", "ema_update_", "has_ops", "list_ops", "missing_kernels", "require_ops"]
+__all__ += ["mc_entropy_finalize_", "mc_softmax_accumulate_", "predictive_entropy"]  # MC-dropout uncertainty
+__all__ += ["sw_accumulate_", "sw_gather"]  # sliding-window inference
+__all__ += ["edt"]  # exact Euclidean distance transform

@@ -109,6 +109,16 @@ void ema_segments_cpu(const std::vector<Segment>& segs, double decay) {
       const int64_t hi = std::min(end, start[k + 1]) - start[k];
       T* tp = static_cast<T*>(segs[k].t);
       const S* sp = static_cast<const S*>(segs[k].s);
+      if (k + 1 < segs.size()) {
+        // Hardware prefetchers stop at page boundaries and small tensors are scattered over
+        // the heap: start fetching the next segment's first lines while this one is processed.
+        const char* nt = static_cast<const char*>(segs[k + 1].t);
+        const char* ns = static_cast<const char*>(segs[k + 1].s);
+        for (int line = 0; line < 4; ++line) {
+          __builtin_prefetch(nt + 64 * line, 1);
+          __builtin_prefetch(ns + 64 * line, 0);
+        }
+      }
       if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
         ema_run_f32(tp + lo, sp + lo, hi - lo, d, w);
       } else {

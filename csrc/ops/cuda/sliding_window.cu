@@ -1,0 +1,254 @@
+// CUDA kernels of sslseg::sw_gather and sslseg::sw_accumulate_. The checks, the grid and the
+// first/last rules are shared with the CPU kernels (csrc/ops/cpu/sliding_window.cpp).
+//
+// One launch per window: windows of one call may overlap in the output, and a launch per window
+// keeps the accumulation order (and so the rounding) of the CPU kernel and of MONAI without
+// atomics. A window is ~1e5-1e6 voxels, so launches are not the cost. In sw_accumulate_ a thread
+// owns one voxel and loops over the channels (coalesced: neighbouring threads, neighbouring x2).
+#include "checks.h"
+#include "ops/sliding_window.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace sslseg {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 20); }
+
+template <typename A, typename P>
+__device__ __forceinline__ A load_as(const P* p) {
+  if constexpr (std::is_same_v<P, double> || std::is_same_v<P, float>) return static_cast<A>(*p);
+  else return static_cast<A>(static_cast<float>(*p));
+}
+
+// Rounded products: keep nvcc from contracting `out + pred * importance` into one FMA, so the
+// result rounds like the CPU kernel (and MONAI's separate mul_ and add_).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+struct GatherArgs {
+  int64_t vsize[3];
+  int64_t vstride[5];
+  int64_t roi[3];
+  int64_t start[3];
+  int64_t b;
+  int64_t channels;
+};
+
+template <typename T>
+__global__ void gather_kernel(const T* __restrict__ src, T* __restrict__ dst, GatherArgs a, int64_t total, T pad) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t t = idx;
+    const int64_t i2 = t % a.roi[2];
+    t /= a.roi[2];
+    const int64_t i1 = t % a.roi[1];
+    t /= a.roi[1];
+    const int64_t i0 = t % a.roi[0];
+    const int64_t c = t / a.roi[0];
+    const int64_t x0 = a.start[0] + i0, x1 = a.start[1] + i1, x2 = a.start[2] + i2;
+    const bool inside = x0 >= 0 && x0 < a.vsize[0] && x1 >= 0 && x1 < a.vsize[1] && x2 >= 0 && x2 < a.vsize[2];
+    dst[idx] = inside ? src[a.b * a.vstride[0] + c * a.vstride[1] + x0 * a.vstride[2] + x1 * a.vstride[3] +
+                            x2 * a.vstride[4]]
+                      : pad;
+  }
+}
+
+struct AccArgs {
+  int64_t ostride[5];
+  int64_t pstride[5];
+  int64_t wstride[3];
+  int64_t roi[3];
+  int64_t lo[3];
+  int64_t ext[3];
+  int64_t start[3];
+  int64_t first_from[3];
+  int64_t last_before[3];
+  int64_t b;
+  int64_t n;
+  int64_t channels;
+};
+
+__device__ __forceinline__ float dexp(float x) { return expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+
+// One thread per voxel of the (clipped) window, looping over the channels: the importance and
+// weight are read once per voxel, and the softmax over channels needs every channel anyway.
+template <typename P, typename A>
+__global__ void accumulate_kernel(A* __restrict__ out, const P* __restrict__ pred, const A* __restrict__ imp,
+                                  const A* __restrict__ wt, AccArgs a, int64_t total, bool softmax) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t t = idx;
+    const int64_t x2 = a.lo[2] + t % a.ext[2];
+    t /= a.ext[2];
+    const int64_t x1 = a.lo[1] + t % a.ext[1];
+    const int64_t x0 = a.lo[0] + t / a.ext[1];
+    const int64_t i0 = x0 - a.start[0], i1 = x1 - a.start[1], i2 = x2 - a.start[2];
+    const P* pv = pred + a.n * a.pstride[0] + i0 * a.pstride[2] + i1 * a.pstride[3] + i2 * a.pstride[4];
+    A* ov = out + a.b * a.ostride[0] + x0 * a.ostride[2] + x1 * a.ostride[3] + x2 * a.ostride[4];
+    const bool first = x0 >= a.first_from[0] && x1 >= a.first_from[1] && x2 >= a.first_from[2];
+    const bool last = wt != nullptr && x0 < a.last_before[0] && x1 < a.last_before[1] && x2 < a.last_before[2];
+    const A iw = imp != nullptr ? imp[(i0 * a.roi[1] + i1) * a.roi[2] + i2] : A(1);
+    const A wv = last ? wt[x0 * a.wstride[0] + x1 * a.wstride[1] + x2 * a.wstride[2]] : A(1);
+    A m = 0, inv = 1;
+    if (softmax) {
+      m = load_as<A>(pv);
+      for (int64_t c = 1; c < a.channels; ++c) {
+        const A v = load_as<A>(pv + c * a.pstride[1]);
+        m = v > m ? v : m;
+      }
+      A sum = 0;
+      for (int64_t c = 0; c < a.channels; ++c) sum += dexp(load_as<A>(pv + c * a.pstride[1]) - m);
+      inv = A(1) / sum;
+    }
+    for (int64_t c = 0; c < a.channels; ++c) {
+      A v = load_as<A>(pv + c * a.pstride[1]);
+      if (softmax) v = mul_rn(dexp(v - m), inv);
+      if (imp != nullptr) v = mul_rn(v, iw);
+      A* o = ov + c * a.ostride[1];
+      if (!first) v = *o + v;
+      if (last) v = v / wv;
+      *o = v;
+    }
+  }
+}
+
+template <typename T>
+void launch_gather(const at::Tensor& volume, at::Tensor& out, const SwGrid& g, int64_t wb, int64_t we, double pad,
+                   cudaStream_t stream) {
+  const Sw5 v = sw_as5(volume);
+  GatherArgs a;
+  for (int d = 0; d < 3; ++d) {
+    a.vsize[d] = v.size[2 + d];
+    a.roi[d] = g.roi[d];
+  }
+  for (int d = 0; d < 5; ++d) a.vstride[d] = v.stride[d];
+  a.channels = v.size[1];
+  const int64_t per_window = a.channels * g.roi[0] * g.roi[1] * g.roi[2];
+  T padv;
+  if constexpr (std::is_same_v<T, double>) padv = pad;
+  else padv = static_cast<T>(static_cast<float>(pad));
+  const T* src = volume.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t w = wb; w < we; ++w) {
+    const SwWindow win = sw_window(g, w);
+    a.b = win.b;
+    for (int d = 0; d < 3; ++d) a.start[d] = win.start[d];
+    gather_kernel<T><<<blocks_for(per_window), kThreads, 0, stream>>>(src, dst + (w - wb) * per_window, a, per_window,
+                                                                        padv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename P, typename A>
+void launch_accumulate(const at::Tensor& out, const at::Tensor& pred, const at::Tensor& imp, const at::Tensor* weight,
+                       const SwGrid& g, int64_t window_begin, bool softmax, cudaStream_t stream) {
+  const Sw5 o5 = sw_as5(out), p5 = sw_as5(pred);
+  AccArgs a;
+  for (int d = 0; d < 5; ++d) {
+    a.ostride[d] = o5.stride[d];
+    a.pstride[d] = p5.stride[d];
+  }
+  for (int d = 0; d < 3; ++d) {
+    a.wstride[d] = 0;
+    a.roi[d] = g.roi[d];
+  }
+  if (weight) {
+    const int nd = static_cast<int>(weight->dim());
+    for (int d = 0; d < nd; ++d) a.wstride[3 - nd + d] = weight->stride(d);
+  }
+  A* op = out.data_ptr<A>();
+  const P* pp = pred.const_data_ptr<P>();
+  const A* ip = imp.defined() ? imp.const_data_ptr<A>() : nullptr;
+  const A* wp = weight ? weight->const_data_ptr<A>() : nullptr;
+  a.channels = o5.size[1];
+  for (int64_t n = 0; n < p5.size[0]; ++n) {
+    const SwWindow win = sw_window(g, window_begin + n);
+    int64_t total = 1;  // voxels of the clipped window
+    for (int d = 0; d < 3; ++d) {
+      a.lo[d] = std::max<int64_t>(win.start[d], 0);
+      const int64_t hi = std::min<int64_t>(win.start[d] + g.roi[d], o5.size[2 + d]);
+      a.ext[d] = std::max<int64_t>(hi - a.lo[d], 0);
+      a.start[d] = win.start[d];
+      a.first_from[d] = win.first_from[d];
+      a.last_before[d] = win.last_before[d];
+      total *= a.ext[d];
+    }
+    if (total == 0) continue;
+    a.b = win.b;
+    a.n = n;
+    accumulate_kernel<P, A><<<blocks_for(total), kThreads, 0, stream>>>(op, pp, ip, wp, a, total, softmax);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename A>
+void accumulate_pred(const at::Tensor& out, const at::Tensor& pred, const at::Tensor& imp, const at::Tensor* weight,
+                     const SwGrid& g, int64_t window_begin, bool softmax, cudaStream_t stream) {
+  switch (pred.scalar_type()) {
+    case at::kFloat: return launch_accumulate<float, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    case at::kDouble: return launch_accumulate<double, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    case at::kHalf: return launch_accumulate<c10::Half, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    case at::kBFloat16:
+      return launch_accumulate<c10::BFloat16, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    default: TORCH_INTERNAL_ASSERT(false, "sw_accumulate_: unexpected pred dtype ", pred.scalar_type());
+  }
+}
+
+}  // namespace
+
+at::Tensor sw_gather_cuda(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
+                          c10::IntArrayRef counts, int64_t window_begin, int64_t window_end, double pad_value) {
+  const SwGrid g = sw_gather_check(volume, roi_size, starts, counts, window_begin, window_end, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  std::vector<int64_t> shape{window_end - window_begin, volume.size(1)};
+  shape.insert(shape.end(), roi_size.begin(), roi_size.end());
+  at::Tensor out = at::empty(shape, volume.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (volume.scalar_type()) {
+    case at::kFloat: launch_gather<float>(volume, out, g, window_begin, window_end, pad_value, stream); break;
+    case at::kDouble: launch_gather<double>(volume, out, g, window_begin, window_end, pad_value, stream); break;
+    case at::kHalf: launch_gather<c10::Half>(volume, out, g, window_begin, window_end, pad_value, stream); break;
+    case at::kBFloat16: launch_gather<c10::BFloat16>(volume, out, g, window_begin, window_end, pad_value, stream); break;
+    default: TORCH_INTERNAL_ASSERT(false, "sw_gather: unexpected dtype ", volume.scalar_type());
+  }
+  return out;
+}
+
+void sw_accumulate_cuda(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
+                        const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
+                        int64_t window_begin, bool softmax) {
+  const SwGrid g =
+      sw_accumulate_check(out, pred, importance, weight, starts, counts, window_begin, c10::DeviceType::CUDA);
+  if (out.numel() == 0 || pred.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor imp = importance.has_value() && importance->defined() ? importance->contiguous() : at::Tensor();
+  const bool has_w = weight.has_value() && weight->defined();
+  const at::Tensor* w = has_w ? &*weight : nullptr;
+  if (out.scalar_type() == at::kDouble) accumulate_pred<double>(out, pred, imp, w, g, window_begin, softmax, stream);
+  else accumulate_pred<float>(out, pred, imp, w, g, window_begin, softmax, stream);
+}
+
+TORCH_LIBRARY_IMPL(sslseg, CUDA, m) {
+  m.impl("sw_gather", &sw_gather_cuda);
+  m.impl("sw_accumulate_", &sw_accumulate_cuda);
+}
+
+}  // namespace sslseg

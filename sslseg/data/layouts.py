@@ -1,0 +1,378 @@
+"""Readers for the on-disk layouts: SSL4MIS ACDC, SSL4MIS BraTS2019, UA-MT LA, NIfTI folders.
+
+Each ``index_<layout>(root)`` walks the folder once, without reading voxels, and returns an
+:class:`Index`: the volume records, the official split lists (as case ids) and every structural
+problem found (list entries naming missing files, overlapping lists, ...). Voxel-level checks
+(shapes, label values, NaN) are in :mod:`sslseg.data.validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .storage import H5Volume, NiftiVolume, VolumeRecord
+
+LAYOUTS = ("acdc", "brats", "la", "nifti")
+
+_SLICE_RE = re.compile(r"^(?P<vol>.+)_slice_(?P<k>\d+)$")
+_FRAME_RE = re.compile(r"^(?P<case>.+?)_frame\d+$")
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+_NIFTI_EXT = (".nii.gz", ".nii")
+
+# Facts of the SSL4MIS datasets (used when num_classes is not given).
+DEFAULT_CLASSES = {
+    "acdc": ("background", "RV", "myocardium", "LV"),
+    "brats": ("background", "whole tumour"),
+    "la": ("background", "left atrium"),
+}
+
+
+@dataclass
+class Index:
+    """What a layout reader found under a root folder."""
+
+    layout: str
+    root: Path
+    volumes: dict[str, VolumeRecord] = field(default_factory=dict)
+    official: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    class_names: tuple[str, ...] | None = None
+    dim: int = 3
+    extra_images: dict[str, VolumeRecord] = field(default_factory=dict)
+
+
+def case_of(volume_id: str) -> str:
+    """ACDC volumes ``patient001_frame01`` belong to case ``patient001``; others are their own case."""
+    m = _FRAME_RE.match(volume_id)
+    return m.group("case") if m else volume_id
+
+
+def _read_list(path: Path, index: Index) -> list[str]:
+    """Entries of a list file: stripped, blank lines dropped, text after the first comma ignored."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        index.problems.append((str(path), f"unreadable list file ({exc})"))
+        return []
+    entries = [line.split(",")[0].strip() for line in text.splitlines()]
+    entries = [e for e in entries if e]
+    if not entries:
+        index.warnings.append((str(path), "list file is empty"))
+    seen: set[str] = set()
+    for e in entries:
+        if e in seen:
+            index.problems.append((str(path), f"entry {e!r} is listed twice"))
+        seen.add(e)
+    return list(dict.fromkeys(entries))
+
+
+def _unique_cases(volume_ids: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(case_of(v) for v in volume_ids))
+
+
+def _check_disjoint(index: Index, where: dict[str, str]) -> None:
+    """Cases shared between train/val/test lists leak test data into training: an error."""
+    groups = list(index.official.items())
+    for i, (a, ca) in enumerate(groups):
+        for b, cb in groups[i + 1 :]:
+            for c in sorted(set(ca) & set(cb)):
+                index.problems.append(
+                    (where.get(b, b), f"case {c!r} is in both the {a} and the {b} list (lists must be disjoint)")
+                )
+
+
+def _h5_files(folder: Path) -> dict[str, Path]:
+    return {p.name[: -len(".h5")]: p for p in sorted(folder.glob("*.h5"))} if folder.is_dir() else {}
+
+
+# ---------------------------------------------------------------------------------------------- ACDC
+def index_acdc(root: Path) -> Index:
+    """SSL4MIS ACDC: ``data/slices/*.h5``, ``data/*.h5``, ``train_slices.list``, ``{train,val,test}.list``."""
+    index = Index("acdc", root, dim=2, class_names=DEFAULT_CLASSES["acdc"])
+    data, slices_dir = root / "data", root / "data" / "slices"
+    if not data.is_dir():
+        index.problems.append((str(data), "folder not found (expected data/*.h5 volumes and data/slices/*.h5)"))
+    lists = {n: root / f"{n}.list" for n in ("train_slices", "train", "val", "test")}
+    entries = {n: _read_list(p, index) for n, p in lists.items() if p.is_file()}
+    volume_files, slice_files = _h5_files(data), _h5_files(slices_dir)
+
+    by_volume: dict[str, dict[int, Path]] = {}
+    slice_source = str(lists["train_slices"]) if "train_slices" in entries else str(slices_dir)
+    slice_names = entries.get("train_slices", list(slice_files))
+    for name in slice_names:
+        m = _SLICE_RE.match(name)
+        if m is None:
+            index.problems.append((slice_source, f"slice name {name!r} is not of the form '<volume>_slice_<k>'"))
+            continue
+        path = slice_files.get(name)
+        if path is None:
+            index.problems.append((slice_source, f"names slice {name!r} but {slices_dir / (name + '.h5')} does not exist"))
+            continue
+        by_volume.setdefault(m.group("vol"), {})[int(m.group("k"))] = path
+    if "train_slices" in entries:
+        for name in sorted(set(slice_files) - set(slice_names)):
+            index.warnings.append((str(slice_files[name]), "slice file not named by train_slices.list; unused"))
+
+    train_vols = entries.get("train", list(by_volume))
+    val_vols, test_vols = entries.get("val", []), entries.get("test", [])
+    held_out = set(val_vols) | set(test_vols)
+    for vid in by_volume:
+        if vid in held_out:
+            index.problems.append(
+                (slice_source, f"training slices of volume {vid!r}, which the val/test list holds out (label leak)")
+            )
+    for group, vids in (("train", train_vols), ("val", val_vols), ("test", test_vols)):
+        source = str(lists[group]) if group in entries else slice_source
+        for vid in vids:
+            path, slices = volume_files.get(vid), by_volume.get(vid, {})
+            if group != "train" and path is None and not slices:
+                index.problems.append((source, f"names volume {vid!r} but {data / (vid + '.h5')} does not exist"))
+                continue
+            if group == "train" and path is None and not slices:
+                index.problems.append(
+                    (source, f"names volume {vid!r} but neither {data / (vid + '.h5')} nor slices data/slices/{vid}_slice_*.h5 exist")
+                )
+                continue
+            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path, slices=slices if (group == "train" or path is None) else {})
+    listed = set(train_vols) | held_out
+    for vid in sorted(set(volume_files) - listed):
+        if entries.get("train") is not None or val_vols or test_vols:
+            index.warnings.append((str(volume_files[vid]), "volume not named by any list; unused"))
+    index.official = {
+        "train": _unique_cases(v for v in train_vols if v in index.volumes),
+        "val": _unique_cases(v for v in val_vols if v in index.volumes),
+        "test": _unique_cases(v for v in test_vols if v in index.volumes),
+    }
+    if not index.volumes and not index.problems:
+        index.problems.append((str(root), "no ACDC volumes or slices found"))
+    _check_disjoint(index, {n: str(lists[n]) for n in ("train", "val", "test")})
+    return index
+
+
+# --------------------------------------------------------------------------------------------- BraTS
+def _find_list(folders: Iterable[Path], name: str) -> Path | None:
+    for folder in folders:
+        for ext in (".txt", ".list"):
+            p = folder / f"{name}{ext}"
+            if p.is_file():
+                return p
+    return None
+
+
+def index_brats(root: Path) -> Index:
+    """SSL4MIS BraTS2019: ``data/<id>.h5`` and ``{train,val,test}.txt`` (``.list`` accepted)."""
+    index = Index("brats", root, dim=3, class_names=DEFAULT_CLASSES["brats"])
+    data = root / "data" if (root / "data").is_dir() else root
+    files = _h5_files(data)
+    lists = {n: _find_list([root], n) for n in ("train", "val", "test")}
+    if not any(lists.values()):
+        for vid, path in files.items():
+            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
+        if not files:
+            index.problems.append((str(data), "no .h5 files found"))
+        return index
+    for group, lst in lists.items():
+        ids = _read_list(lst, index) if lst is not None else []
+        kept = []
+        for vid in ids:
+            path = files.get(vid)
+            if path is None:
+                index.problems.append((str(lst), f"names case {vid!r} but {data / (vid + '.h5')} does not exist"))
+                continue
+            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
+            kept.append(vid)
+        index.official[group] = _unique_cases(kept)
+    listed = set(index.volumes)
+    for vid in sorted(set(files) - listed):
+        index.warnings.append((str(files[vid]), "file not named by any list; unused"))
+    _check_disjoint(index, {n: str(p) for n, p in lists.items() if p is not None})
+    return index
+
+
+# ------------------------------------------------------------------------------------------------ LA
+LA_FILE = "mri_norm2.h5"
+
+
+def index_la(root: Path) -> Index:
+    """UA-MT LA: a folder per case holding ``mri_norm2.h5``; ``train.list`` / ``test.list`` beside."""
+    index = Index("la", root, dim=3, class_names=DEFAULT_CLASSES["la"])
+    found = sorted(root.glob(f"*/{LA_FILE}")) + sorted(root.glob(f"*/*/{LA_FILE}"))
+    files = {p.parent.name: p for p in found}
+    parents = list(dict.fromkeys([root] + [p.parent.parent for p in found] + [p.parent.parent.parent for p in found]))
+    lists = {n: _find_list(parents, n) for n in ("train", "val", "test")}
+    if not any(lists.values()):
+        for vid, path in files.items():
+            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
+        if not files:
+            index.problems.append((str(root), f"no <case>/{LA_FILE} files found"))
+        return index
+    case_parent = found[0].parent.parent if found else root
+    for group, lst in lists.items():
+        if lst is None:
+            continue
+        kept = []
+        for vid in _read_list(lst, index):
+            path = files.get(vid)
+            if path is None:
+                index.problems.append((str(lst), f"names case {vid!r} but {case_parent / vid / LA_FILE} does not exist"))
+                continue
+            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
+            kept.append(vid)
+        index.official[group] = _unique_cases(kept)
+    listed = set(index.volumes)
+    for vid in sorted(set(files) - listed):
+        index.warnings.append((str(files[vid]), "case not named by any list; unused"))
+    _check_disjoint(index, {n: str(p) for n, p in lists.items() if p is not None})
+    return index
+
+
+# --------------------------------------------------------------------------------------------- NIfTI
+def _nifti_stem(path: Path) -> str | None:
+    for ext in _NIFTI_EXT:
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
+def _nifti_files(folder: Path, index: Index) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    if not folder.is_dir():
+        return out
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("._"):  # macOS resource forks ship inside MSD tarballs
+            index.warnings.append((str(p), "macOS '._' metadata file ignored"))
+            continue
+        stem = _nifti_stem(p)
+        if stem is None:
+            if p.is_file() and not p.name.startswith("."):
+                index.warnings.append((str(p), "not a .nii/.nii.gz file; ignored"))
+            continue
+        out[stem] = p
+    return out
+
+
+def _group_channels(images: dict[str, Path], labels: dict[str, Path], folder: Path, index: Index) -> dict[str, list[Path]]:
+    """Map case id -> channel files; nnU-Net names channels ``<case>_0000``, MSD uses one 4D file."""
+    groups: dict[str, dict[int, Path]] = {}
+    for stem, path in images.items():
+        m = _CHANNEL_RE.match(stem)
+        if m is not None and (m.group("case") in labels or stem not in labels):
+            groups.setdefault(m.group("case"), {})[int(m.group("ch"))] = path
+        else:
+            groups.setdefault(stem, {})[0] = path
+    out: dict[str, list[Path]] = {}
+    counts = {len(ch) for ch in groups.values()}
+    expected = max(counts) if counts else 0
+    for case, ch in sorted(groups.items()):
+        if sorted(ch) != list(range(len(ch))) or len(ch) != expected:
+            index.problems.append(
+                (str(folder / case), f"channel files {sorted(ch)} are not 0..{expected - 1} (expected {expected} channels like the other cases)")
+            )
+            continue
+        out[case] = [ch[i] for i in range(len(ch))]
+    return out
+
+
+def _read_dataset_json(root: Path, index: Index) -> tuple[str, ...] | None:
+    path = root / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        index.problems.append((str(path), f"unreadable dataset.json ({exc})"))
+        return None
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        return None
+    pairs: dict[int, str] = {}
+    for k, v in labels.items():
+        # nnU-Net v2: {"background": 0, "tumour": 1}; MSD: {"0": "background", "1": "tumour"}
+        if isinstance(v, int):
+            pairs[v] = str(k)
+        elif isinstance(v, (list, tuple)):
+            index.problems.append((str(path), f"region-based label {k!r} ({v}) is not supported"))
+        elif str(k).isdigit():
+            pairs[int(k)] = str(v)
+    if not pairs:
+        return None
+    if sorted(pairs) != list(range(len(pairs))):
+        index.problems.append((str(path), f"label values {sorted(pairs)} are not 0..{len(pairs) - 1}"))
+        return None
+    return tuple(pairs[i] for i in range(len(pairs)))
+
+
+def index_nifti(root: Path, intensity: str = "zscore") -> Index:
+    """nnU-Net / MSD folders: ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/`` (+ ``labelsTs/``)."""
+    index = Index("nifti", root, dim=3)
+    index.class_names = _read_dataset_json(root, index)
+    official: dict[str, list[str]] = {}
+    for img_dir, lab_dir, group in (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test")):
+        images = _nifti_files(root / img_dir, index)
+        labels = _nifti_files(root / lab_dir, index)
+        if not images:
+            if group == "train":
+                index.problems.append((str(root / img_dir), "no .nii/.nii.gz images found"))
+            continue
+        groups = _group_channels(images, labels, root / img_dir, index)
+        if group == "test" and not labels:
+            # Unlabeled test images: usable for inference, not for splits or metrics.
+            for vid, paths in groups.items():
+                index.extra_images[vid] = NiftiVolume(vid, case_of(vid), image_paths=paths, intensity=intensity)
+            continue
+        kept = []
+        for vid, paths in groups.items():
+            label = labels.get(vid)
+            if label is None:
+                index.problems.append((str(paths[0]), f"image of case {vid!r} has no label {root / lab_dir / (vid + '.nii.gz')}"))
+                continue
+            if vid in index.volumes:
+                index.problems.append((str(paths[0]), f"case {vid!r} appears in both imagesTr and imagesTs"))
+                continue
+            # ACDC-style names (patient001_frame01) group the frames of a patient into one case.
+            index.volumes[vid] = NiftiVolume(vid, case_of(vid), image_paths=paths, label_path=label, intensity=intensity)
+            kept.append(vid)
+        for stem in sorted(set(labels) - set(groups)):
+            index.problems.append((str(labels[stem]), f"label of case {stem!r} has no image in {root / img_dir}"))
+        official[group] = _unique_cases(kept)
+    if "test" in official:
+        index.official = official  # val is carved from train at split time
+    return index
+
+
+def detect_layout(root: Path) -> str:
+    """Guess the layout of ``root``; raise a ``DataError`` saying what was looked for."""
+    from .errors import DataError
+
+    if not root.exists():
+        raise DataError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a data folder, got a file")
+    if (root / "train_slices.list").is_file() or (root / "data" / "slices").is_dir():
+        return "acdc"
+    if (root / "imagesTr").is_dir():
+        return "nifti"
+    if any(root.glob(f"*/{LA_FILE}")) or any(root.glob(f"*/*/{LA_FILE}")):
+        return "la"
+    if _find_list([root], "train") is not None or any((root / "data").glob("*.h5")):
+        return "brats"
+    raise DataError(
+        f"{root}: cannot detect the data layout. Expected one of: acdc (train_slices.list, data/slices/), "
+        f"nifti (imagesTr/, labelsTr/), la (<case>/{LA_FILE}), brats (train.txt, data/*.h5). "
+        "Pass layout=... to load() to choose explicitly."
+    )
+
+
+def index_layout(layout: str, root: Path, intensity: str = "zscore") -> Index:
+    if layout == "acdc":
+        return index_acdc(root)
+    if layout == "brats":
+        return index_brats(root)
+    if layout == "la":
+        return index_la(root)
+    return index_nifti(root, intensity)

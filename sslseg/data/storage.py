@@ -1,0 +1,362 @@
+"""Where a volume's voxels live: SSL4MIS h5 files, NIfTI files, or memory (synthetic phantoms).
+
+Every record answers the same questions (shape, spacing, affine, whole volume, one slice) so the
+rest of the data layer never branches on the file format. Array conventions, everywhere:
+
+* image ``(C, D, H, W)`` float32 (``C`` channels; h5 files hold one), label ``(D, H, W)`` int64;
+* a 2D slice is index ``k`` of the first spatial axis ``D``: image ``(C, H, W)``, label ``(H, W)``;
+* spacing is in mm and in the same axis order as the array, ``(D, H, W)``;
+* NIfTI arrays are transposed from nibabel's ``(x, y, z)`` to ``(z, y, x)`` (SimpleITK's order, the
+  order SSL4MIS wrote its h5 files in), and the affine is permuted to match, so
+  ``affine @ (d, h, w, 1)`` is the scanner position of voxel ``[d, h, w]`` of the returned array.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+
+
+def _as_image(array: np.ndarray, label_ndim: int | None, where: str) -> np.ndarray:
+    """Return ``array`` as a channel-first float32 image ``(C, *S)``."""
+    arr = np.asarray(array)
+    if arr.size == 0:
+        raise DataError(f"{where}: image is empty (shape {tuple(arr.shape)})")
+    if label_ndim is not None and arr.ndim == label_ndim + 1:
+        pass  # already channel-first
+    else:
+        arr = arr[None]
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _h5_open(path: Path):
+    import h5py
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable h5 file ({exc})") from None
+
+
+def _h5_dataset(f, key: str, path: Path):
+    if key not in f:
+        raise DataError(f"{path}: missing h5 key {key!r} (keys present: {sorted(f.keys())})")
+    return f[key]
+
+
+def _h5_spacing(f) -> tuple[float, ...] | None:
+    """Spacing stored by ``make_synthetic`` as a root attribute; SSL4MIS files have none."""
+    value = f.attrs.get("spacing")
+    if value is None:
+        return None
+    return tuple(float(v) for v in np.asarray(value).ravel())
+
+
+@dataclass
+class VolumeRecord:
+    """One volume of a dataset (an ACDC frame, a BraTS case, an LA case, a NIfTI case).
+
+    Subclasses implement the reads; this base holds identity and the dataset-level fallbacks.
+
+    Attributes:
+        id: unique volume id (e.g. ``patient001_frame01``).
+        case: the case (patient) it belongs to; splits are made over cases.
+        spacing_override: spacing forced by ``load(..., spacing=...)``.
+    """
+
+    id: str
+    case: str
+    spacing_override: tuple[float, ...] | None = field(default=None, kw_only=True)
+
+    # -- to implement ---------------------------------------------------------------------------
+    @property
+    def location(self) -> str:  # pragma: no cover - abstract
+        """Where the volume lives (a path for messages)."""
+        raise NotImplementedError
+
+    def shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        """Spatial shape ``(D, H, W)`` without reading voxels where the format allows."""
+        raise NotImplementedError
+
+    def read(self, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:  # pragma: no cover
+        """Image ``(C, D, H, W)`` float32 and label ``(D, H, W)`` int64 (None if not asked)."""
+        raise NotImplementedError
+
+    def read_slice(self, k: int, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Slice ``k`` of the first spatial axis: image ``(C, H, W)``, label ``(H, W)``."""
+        image, label = self.read(with_label)
+        return image[:, k], (None if label is None else label[k])
+
+    def stored_spacing(self) -> tuple[float, ...] | None:
+        """Spacing stored with the data, or None where the format has none (SSL4MIS h5)."""
+        return None
+
+    def affine(self) -> np.ndarray | None:
+        """4x4 index-to-scanner matrix for the returned array order, where the format has one."""
+        return None
+
+    def slice_indices(self) -> list[int]:
+        """Slices that 2D training uses (all of them unless a slice list says otherwise)."""
+        return list(range(self.shape()[0]))
+
+    def spacing(self, default: tuple[float, ...]) -> tuple[float, ...]:
+        """The override, else the stored spacing, else ``default``."""
+        if self.spacing_override is not None:
+            return self.spacing_override
+        stored = self.stored_spacing()
+        return stored if stored is not None else default
+
+
+@dataclass
+class H5Volume(VolumeRecord):
+    """A volume in the SSL4MIS h5 format (keys ``image`` and ``label``).
+
+    Attributes:
+        path: the volume file (``data/<id>.h5``, ``<case>/mri_norm2.h5``); None when only slices
+            exist (ACDC training volumes are distributed as slices only).
+        slices: slice index -> slice file (``data/slices/<id>_slice_<k>.h5``), ACDC only.
+    """
+
+    path: Path | None = None
+    slices: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def location(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        first = min(self.slices) if self.slices else None
+        return str(self.slices[first]) if first is not None else self.id
+
+    def shape(self) -> tuple[int, ...]:
+        if self.path is not None:
+            with _h5_open(self.path) as f:
+                return tuple(_h5_dataset(f, LABEL_KEY, self.path).shape)
+        ks = sorted(self.slices)
+        with _h5_open(self.slices[ks[0]]) as f:
+            hw = tuple(_h5_dataset(f, LABEL_KEY, self.slices[ks[0]]).shape)
+        return (len(ks), *hw)
+
+    def slice_indices(self) -> list[int]:
+        if self.slices:
+            return sorted(self.slices)
+        return super().slice_indices()
+
+    def stored_spacing(self) -> tuple[float, ...] | None:
+        path = self.path if self.path is not None else self.slices[min(self.slices)]
+        with _h5_open(path) as f:
+            sp = _h5_spacing(f)
+        if sp is not None and self.path is None and len(sp) == 2:
+            return None  # a slice file stores in-plane spacing only; no slice distance known
+        return sp
+
+    def read(self, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.path is None:
+            # Training-only volumes exist as slice files: stack them in slice order.
+            parts = [self.read_slice(k, with_label) for k in sorted(self.slices)]
+            image = np.stack([p[0] for p in parts], axis=1)
+            label = np.stack([p[1] for p in parts]) if with_label else None
+            return image, label
+        with _h5_open(self.path) as f:
+            label = None
+            lab_ds = _h5_dataset(f, LABEL_KEY, self.path) if with_label else None
+            img_ds = _h5_dataset(f, IMAGE_KEY, self.path)
+            nd = lab_ds.ndim if lab_ds is not None else (3 if img_ds.ndim <= 3 else img_ds.ndim - 1)
+            image = _as_image(img_ds[()], nd, str(self.path))
+            if lab_ds is not None:
+                label = np.asarray(lab_ds[()]).astype(np.int64, copy=False)
+        return image, label
+
+    def read_slice(self, k: int, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        path = self.slices.get(k)
+        if path is None:
+            if self.path is None:
+                raise DataError(f"{self.location}: volume {self.id!r} has no slice {k}")
+            # Partial read of one slice from the volume file (h5 reads only that hyperslab).
+            with _h5_open(self.path) as f:
+                img_ds = _h5_dataset(f, IMAGE_KEY, self.path)
+                lab_ds = _h5_dataset(f, LABEL_KEY, self.path) if with_label else None
+                if img_ds.ndim == 4:
+                    image = np.asarray(img_ds[:, k], dtype=np.float32)
+                else:
+                    image = np.asarray(img_ds[k], dtype=np.float32)[None]
+                label = None if lab_ds is None else np.asarray(lab_ds[k]).astype(np.int64, copy=False)
+            return np.ascontiguousarray(image), label
+        with _h5_open(path) as f:
+            img_ds = _h5_dataset(f, IMAGE_KEY, path)
+            lab_ds = _h5_dataset(f, LABEL_KEY, path) if with_label else None
+            image = _as_image(img_ds[()], 2, str(path))
+            label = None if lab_ds is None else np.asarray(lab_ds[()]).astype(np.int64, copy=False)
+        return image, label
+
+
+class _VolumeCache:
+    """A small per-process LRU of decoded NIfTI volumes (gzip decoding dominates 2D training)."""
+
+    def __init__(self, max_items: int = 8) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def get(self, key: tuple):
+        with self._lock:
+            if self._pid != os.getpid():  # forked worker: start empty rather than share
+                self._items.clear()
+                self._pid = os.getpid()
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: tuple) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
+_NIFTI_CACHE = _VolumeCache()
+
+# Index permutation that reverses (x, y, z) -> (z, y, x); applied on the right of the affine.
+_REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+
+
+def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
+    """Normalise a ``(C, *S)`` image per channel: ``zscore``, ``minmax`` or ``none``."""
+    if mode == "none":
+        return image
+    out = np.empty_like(image)
+    for c in range(image.shape[0]):
+        x = image[c]
+        if mode == "zscore":
+            std = float(x.std())
+            out[c] = (x - float(x.mean())) / (std if std > 0 else 1.0)
+        else:
+            lo, hi = float(x.min()), float(x.max())
+            out[c] = (x - lo) / (hi - lo if hi > lo else 1.0)
+    return out
+
+
+@dataclass
+class NiftiVolume(VolumeRecord):
+    """A NIfTI case: one file per channel (nnU-Net ``_0000`` suffixes) or one 4D file (MSD).
+
+    Attributes:
+        image_paths: channel files in channel order.
+        label_path: the label file (None for images without labels, e.g. ``imagesTs``).
+        intensity: per-volume normalisation applied on read (``zscore``, ``minmax``, ``none``).
+    """
+
+    image_paths: Sequence[Path] = ()
+    label_path: Path | None = None
+    intensity: str = "zscore"
+
+    @property
+    def location(self) -> str:
+        return str(self.image_paths[0])
+
+    def _header(self, path: Path):
+        import nibabel as nib
+
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty (0 bytes)")
+        try:
+            return nib.load(str(path))
+        except Exception as exc:  # nibabel raises several types for corrupt files
+            raise DataError(f"{path}: unreadable NIfTI file ({exc})") from None
+
+    def shape(self) -> tuple[int, ...]:
+        shp = self._header(self.image_paths[0]).shape
+        return tuple(int(s) for s in shp[:3][::-1]) if len(shp) >= 3 else (1, *shp[::-1])
+
+    def stored_spacing(self) -> tuple[float, ...] | None:
+        zooms = self._header(self.image_paths[0]).header.get_zooms()
+        zooms = tuple(float(z) for z in zooms[:3])
+        return zooms[::-1] if len(zooms) == 3 else (1.0, *zooms[::-1])
+
+    def affine(self) -> np.ndarray | None:
+        return np.asarray(self._header(self.image_paths[0]).affine, dtype=np.float64) @ _REVERSE
+
+    @staticmethod
+    def _to_zyx(data: np.ndarray) -> np.ndarray:
+        """nibabel ``(x, y, z[, c])`` -> ``(c, z, y, x)``."""
+        if data.ndim == 2:
+            data = data[:, :, None]
+        if data.ndim == 3:
+            return data.transpose(2, 1, 0)[None]
+        if data.ndim == 4:
+            return data.transpose(3, 2, 1, 0)
+        raise DataError(f"expected a 2D, 3D or 4D NIfTI array, got {data.ndim}D {data.shape}")
+
+    def read(self, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        key = (tuple(str(p) for p in self.image_paths), self.intensity, with_label)
+        cached = _NIFTI_CACHE.get(key)
+        if cached is not None:
+            return cached
+        channels = []
+        for path in self.image_paths:
+            data = np.asanyarray(self._header(path).dataobj).astype(np.float32, copy=False)
+            try:
+                channels.append(self._to_zyx(data))
+            except DataError as exc:
+                raise DataError(f"{path}: {exc}") from None
+        image = np.concatenate(channels, axis=0) if len(channels) > 1 else channels[0]
+        image = normalize_intensity(np.ascontiguousarray(image, dtype=np.float32), self.intensity)
+        label = None
+        if with_label:
+            if self.label_path is None:
+                raise DataError(f"{self.location}: case {self.case!r} has no label file")
+            lab = np.asanyarray(self._header(self.label_path).dataobj)
+            label = np.ascontiguousarray(self._to_zyx(np.rint(lab))[0]).astype(np.int64)
+        _NIFTI_CACHE.put(key, (image, label))
+        return image, label
+
+
+@dataclass
+class MemoryVolume(VolumeRecord):
+    """A volume held in memory (synthetic phantoms); arrays follow the module conventions."""
+
+    image: np.ndarray = None  # type: ignore[assignment]
+    label: np.ndarray | None = None
+    voxel_spacing: tuple[float, ...] | None = None
+
+    @property
+    def location(self) -> str:
+        return f"<memory:{self.id}>"
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape[1:])
+
+    def stored_spacing(self) -> tuple[float, ...] | None:
+        return self.voxel_spacing
+
+    def read(self, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if with_label and self.label is None:
+            raise DataError(f"{self.location}: volume {self.id!r} has no label")
+        # Copies: the arrays may be shared (memoised synthetic data) and are read-only.
+        image = np.array(self.image, dtype=np.float32)
+        return image, (np.array(self.label, dtype=np.int64) if with_label else None)
+
+    def read_slice(self, k: int, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if with_label and self.label is None:
+            raise DataError(f"{self.location}: volume {self.id!r} has no label")
+        image = np.array(self.image[:, k], dtype=np.float32)
+        return image, (np.array(self.label[k], dtype=np.int64) if with_label else None)
