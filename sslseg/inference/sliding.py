@@ -508,11 +508,12 @@ class _Blend:
         if self.out is not None:
             self.result = self.out
         elif self.output == "labels":
-            self.result = torch.empty((self.batch, *g.spatial_size), dtype=torch.int64, device=self.device)
+            self.result = _huge_pages(torch.empty((self.batch, *g.spatial_size), dtype=torch.int64, device=self.device))
         else:
-            self.result = torch.empty(shape, dtype=self.out_dtype or dtype, device=self.device)
+            self.result = _huge_pages(torch.empty(shape, dtype=self.out_dtype or dtype, device=self.device))
         depth = min(g.roi_size[0], g.spatial_size[0])
-        self.slabs = [torch.empty((1, k, depth, *g.spatial_size[1:]), dtype=dtype, device=self.device) for _ in range(2)]
+        self.slabs = [_huge_pages(torch.empty((1, k, depth, *g.spatial_size[1:]), dtype=dtype, device=self.device))
+                      for _ in range(2)]
         self.depth = depth
         self.b = -1
 

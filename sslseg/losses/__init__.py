@@ -5,6 +5,13 @@ Distance-transform targets and losses (:mod:`sslseg.losses.distance`, built on t
 Salcudean's Hausdorff DT loss.
 """
 
+from sslseg.losses.segmentation import (
+    dice_loss,
+    entropy_loss,
+    softmax_mse_loss,
+    supervised_loss,
+    symmetric_kl_loss,
+)
 from sslseg.losses.distance import (
     boundary_distance_map,
     boundary_loss,
@@ -14,6 +21,12 @@ from sslseg.losses.distance import (
 )
 
 __all__ = [
+    # segmentation and consistency losses
+    "dice_loss",
+    "entropy_loss",
+    "softmax_mse_loss",
+    "supervised_loss",
+    "symmetric_kl_loss",
     # distance-transform targets and losses
     "boundary_distance_map",
     "boundary_loss",
