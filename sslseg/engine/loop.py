@@ -144,6 +144,11 @@ class _Trainer:
             raise ValueError("amp='fp16' needs a CUDA device (it uses a GradScaler); use amp='bf16' on CPU")
         self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[eng.amp]
         _seed_everything(eng.seed)
+        # Deterministic mode is process-global in torch: remember the caller's setting and
+        # restore it when the run ends (run()'s finally), so fit() leaves no global state behind.
+        self._prev_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                                    torch.is_deterministic_algorithms_warn_only_enabled(),
+                                    torch.backends.cudnn.benchmark)
         if eng.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -277,6 +282,14 @@ class _Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------
 
     def run(self) -> Run:
+        try:
+            return self._run()
+        finally:
+            enabled, warn_only, benchmark = self._prev_deterministic
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = benchmark
+
+    def _run(self) -> Run:
         eng = self.eng
         if self.resume:
             self._load_state(load_checkpoint(self.dir / _LAST, map_location=self.device))
@@ -290,7 +303,9 @@ class _Trainer:
         if eng.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=eng.iterations, initial=self.start_step, desc=self.cls.name, dynamic_ncols=True, leave=False)
+            # disable=None: a bar on a terminal, nothing in logs (history.jsonl has the values).
+            bar = tqdm(total=eng.iterations, initial=self.start_step, desc=self.cls.name, dynamic_ncols=True,
+                       leave=False, disable=None)
         log_path = self.dir / "history.jsonl"
         # The checkpoint's history is the truth: rows logged after it by a killed run are dropped.
         log_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))

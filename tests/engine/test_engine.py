@@ -125,3 +125,9 @@ def test_ema_teacher_follows_the_rule(tmp_path):
 def test_methods_are_registered():
     names = list_methods()
     assert {"supervised", "mean_teacher", "cps"} <= set(names)
+
+
+def test_fit_restores_global_determinism_setting(tmp_path):
+    before = torch.are_deterministic_algorithms_enabled()
+    fit("supervised", TINY, labeled=2, iterations=1, out_dir=tmp_path / "d", engine_options={**OPTS, "deterministic": True})
+    assert torch.are_deterministic_algorithms_enabled() == before
