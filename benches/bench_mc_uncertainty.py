@@ -13,6 +13,9 @@ time by a fake network (a copy of stored logits, freed when the variant lets go 
 resident-set peak above the baseline, with glibc's mmap threshold lowered so freed tensors return
 to the OS; on CUDA torch.cuda.max_memory_allocated above the baseline.
 
+Timing: round-robin, min and median; before each sample the bench waits for the shared host to be
+quiet and redoes disturbed samples (bench_sliding_window.timed_sample).
+
 Cases (issue 6): T=8, (12, 4, 256, 256) (SSL4MIS 2D UA-MT) and (2, 2, 112, 112, 80) (3D UA-MT).
 
 Usage: python benches/bench_mc_uncertainty.py [--smoke] [--device cpu|cuda] [--threads N] [--out PATH]
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -33,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import metadata, time_round_robin, write_json  # noqa: E402
+from _timing import metadata, write_json  # noqa: E402
+from bench_sliding_window import QUIET, timed_sample  # noqa: E402
 
 import sslseg.ops  # noqa: E402
 from sslseg.ops.mc_uncertainty import _reference_accumulate, _reference_finalize  # noqa: E402
@@ -150,7 +155,13 @@ def run_case(name: str, shape, T: int, device: str, rounds: int, threads: int | 
         m, h = FNS[v](passes, T)
         agree[v] = {"mean_max_abs_diff": (m - m_ref).abs().max().item(), "entropy_max_abs_diff": (h - h_ref).abs().max().item()}
     with torch.no_grad():
-        timings = time_round_robin({v: (lambda v=v: FNS[v](passes, T)) for v in VARIANTS}, device=device, rounds=rounds)
+        for v in VARIANTS:  # warm up
+            FNS[v](passes, T)
+        samples = {v: [] for v in VARIANTS}
+        for _ in range(rounds):  # round-robin, each sample after the host is quiet (bench_sliding_window)
+            for v in VARIANTS:
+                samples[v].append(timed_sample(lambda v=v: FNS[v](passes, T), device=device)[0] * 1e3)
+        timings = {v: {"min_ms": min(x), "median_ms": statistics.median(x)} for v, x in samples.items()}
     memory = memory_in_subprocess(shape, T, device, threads)
     numel = torch.Size(shape).numel()
     analytic = {  # MB the algorithm itself must hold beyond one pass output (float32)
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({v: measure_memory(v, tuple(shape), T, device) for v in VARIANTS}))
         return 0
     sslseg.ops.require_ops()
+    QUIET["on"] = not args.smoke
     if args.smoke:
         cases = [("2d_smoke", (2, 4, 32, 32), 4), ("3d_smoke", (1, 2, 16, 16, 12), 4)]
         rounds = args.rounds or 3

@@ -11,7 +11,9 @@ Variants, on the same volume and predictor, timed round-robin in one process:
                   activation="softmax", output="labels"): the same result as ssl4mis
 
 The predictor is wrapped in a timer, so each call splits into network time and the rest
-("overhead": gather, blending, allocation, Python). Predictors:
+("overhead": gather, blending, allocation, Python). The host is shared: before each sample the
+bench waits (<= 10 s) until other processes use < 20 % of the CPUs, and redoes a sample (<= 4
+times, keeping the fastest) when > 15 % of the CPU time during it was foreign. Predictors:
   trivial         y_c = w_c * x + b_c (the math of Conv3d(1, 2, 1), as one addcmul: a channel-1
                   Conv3d hits a oneDNN slow path for batch > 1 on this CPU, perf_anchors.md 2)
   unet            monai.networks.nets.UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2))
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import resource
 import statistics
 import sys
 import time
@@ -112,6 +116,67 @@ def ssl4mis_single_case(net, image: np.ndarray, stride_xy: int, stride_z: int, p
     return label_map
 
 
+# ---- a shared, noisy host: wait for quiet, redo samples that other processes disturbed ----------
+# (the method of ../shared/reference/perf_anchors.md section 0: foreign CPU use from /proc/stat
+# minus this process's own rusage)
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
+def _own_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_quiet(max_wait_s: float = 10.0, threshold: float = 0.2) -> None:
+    """Return once the other processes use less than ``threshold`` of the CPUs (or after max_wait_s)."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        b0, t0 = _cpu_jiffies()
+        time.sleep(0.05)
+        b1, t1 = _cpu_jiffies()
+        if t1 == t0 or (b1 - b0) / (t1 - t0) < threshold:
+            return
+
+
+QUIET = {"on": True}  # main() turns it off for --smoke (CI: seconds, not minutes)
+
+
+def timed_sample(fn, retries: int = 4, threshold: float = 0.15, device: str = "cpu"):
+    """Run fn once after waiting for quiet; redo (up to ``retries`` times) while more than
+    ``threshold`` of the CPU time during the run was foreign (only checked for runs of >= 0.1 s:
+    /proc/stat counts in 10 ms ticks). Returns (seconds, fn's return)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    best = None
+    for _ in range(retries + 1):
+        if QUIET["on"]:
+            wait_quiet()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        b0, t0 = _cpu_jiffies()
+        own0, w0 = _own_seconds(), time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - w0
+        b1, t1 = _cpu_jiffies()
+        foreign = ((b1 - b0) / hz - (_own_seconds() - own0)) / max((t1 - t0) / hz, 1e-9)
+        if best is None or wall < best[0]:
+            best = (wall, out)
+        if not QUIET["on"] or wall < 0.1 or foreign < threshold:
+            break
+    return best
+
+
 def time_variants(variants: dict, device: str, rounds: int, warmup: bool = True) -> dict:
     """Round-robin; per call: total and network seconds. Returns ms (min / median) per variant."""
     samples = {k: {"total": [], "net": [], "overhead": []} for k in variants}
@@ -120,17 +185,14 @@ def time_variants(variants: dict, device: str, rounds: int, warmup: bool = True)
         fn()
     for _ in range(rounds):
         for name, (fn, timer) in variants.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            timer.seconds = 0.0
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            total = time.perf_counter() - t0
+            def run(fn=fn, timer=timer):
+                timer.seconds = 0.0
+                fn()
+                return timer.seconds
+            total, net = timed_sample(run, device=device)
             samples[name]["total"].append(total * 1e3)
-            samples[name]["net"].append(timer.seconds * 1e3)
-            samples[name]["overhead"].append((total - timer.seconds) * 1e3)
+            samples[name]["net"].append(net * 1e3)
+            samples[name]["overhead"].append((total - net) * 1e3)
     out = {}
     for name, s in samples.items():
         out[name] = {f"{k}_{stat}_ms": f(v) for k, v in s.items() for stat, f in (("min", min), ("median", statistics.median))}
@@ -199,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     sslseg.ops.require_ops()
     if args.threads:
         torch.set_num_threads(args.threads)
+    QUIET["on"] = not args.smoke
     dev = args.device
     if args.smoke:
         rounds = args.rounds or 3

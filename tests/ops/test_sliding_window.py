@@ -84,8 +84,10 @@ def _grid(shape, roi, overlap):
     return g.flat_starts, g.counts, g.num_windows
 
 
-def _blend_naive(pred, imp, starts, counts, out_shape, roi, dtype):
+def _blend_naive(pred, imp, starts, counts, out_shape, roi, dtype, softmax=False):
     """sum_w pred_w * imp / sum_w imp with zeros + adds over the clipped windows."""
+    if softmax:
+        pred = torch.softmax(pred.to(dtype), dim=1)
     num = torch.zeros(out_shape, dtype=dtype, device=pred.device)
     den = torch.zeros(out_shape[2:], dtype=dtype, device=pred.device)
     per_dim, pos = [], 0
@@ -122,7 +124,8 @@ def _weight(imp, starts, counts, spatial, n_windows, fn):
 @pytest.mark.parametrize("pred_dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(ACC_CASES))
-def test_accumulate_matches_reference(device, pred_dtype, out_dtype, case):
+@pytest.mark.parametrize("softmax", [False, True], ids=["blend", "softmax"])
+def test_accumulate_matches_reference(device, pred_dtype, out_dtype, case, softmax):
     shape, roi, overlap = ACC_CASES[case]
     starts, counts, per_batch = _grid(shape, roi, overlap)
     n = shape[0] * per_batch
@@ -134,11 +137,11 @@ def test_accumulate_matches_reference(device, pred_dtype, out_dtype, case):
     got = torch.full(shape, float("nan"), dtype=out_dtype, device=device)  # write-first: no zero fill needed
     want = got.clone()
     for begin in range(0, n, 3):  # calls of 3 windows, crossing batch elements
-        ACCUMULATE(got, pred[begin:begin + 3], imp, weight, starts, counts, begin)
-        _reference_accumulate(want, pred[begin:begin + 3], imp, weight, starts, counts, begin)
+        ACCUMULATE(got, pred[begin:begin + 3], imp, weight, starts, counts, begin, softmax)
+        _reference_accumulate(want, pred[begin:begin + 3], imp, weight, starts, counts, begin, softmax)
     tol = 1e-6 if out_dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    naive = _blend_naive(pred, imp, starts, counts, shape, roi, out_dtype)
+    naive = _blend_naive(pred, imp, starts, counts, shape, roi, out_dtype, softmax)
     torch.testing.assert_close(got, naive, rtol=tol * 10, atol=tol * 10)
 
 
@@ -171,6 +174,10 @@ def test_accumulate_non_contiguous_out_and_pred(device):
     _reference_accumulate(want, pred, imp, weight, starts, counts, 0)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert (big[:, 0] == 0).all() and (big[..., 1::2] == 0).all()  # nothing written outside the view
+    ACCUMULATE(got, pred, imp, weight, starts, counts, 0, True)
+    _reference_accumulate(want, pred, imp, weight, starts, counts, 0, True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones_like(got[:, 0]), rtol=1e-5, atol=1e-5)  # probabilities
 
 
 @pytest.mark.parametrize("device", devices())
@@ -264,10 +271,11 @@ def test_cuda_matches_cpu(pred_dtype):
     w_cpu = _weight(imp, starts, counts, shape[2:], per_batch, ACCUMULATE)
     w_gpu = _weight(imp.cuda(), starts, counts, shape[2:], per_batch, ACCUMULATE)
     torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=0, atol=0)
-    out_cpu, out_gpu = torch.empty(shape), torch.empty(shape, device="cuda")
-    ACCUMULATE(out_cpu, win_cpu, imp, w_cpu, starts, counts, 0)
-    ACCUMULATE(out_gpu, win_gpu, imp.cuda(), w_gpu, starts, counts, 0)
-    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-6, atol=1e-6)
+    for softmax in (False, True):
+        out_cpu, out_gpu = torch.empty(shape), torch.empty(shape, device="cuda")
+        ACCUMULATE(out_cpu, win_cpu, imp, w_cpu, starts, counts, 0, softmax)
+        ACCUMULATE(out_gpu, win_gpu, imp.cuda(), w_gpu, starts, counts, 0, softmax)
+        torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-6, atol=1e-6)
 
 
 # ---- op contract: wrappers, opcheck, torch.compile -----------------------------------------------
@@ -299,6 +307,7 @@ def test_opcheck(device):
     out = _randn(shape, device, torch.float32, seed=3)
     torch.library.opcheck(ACCUMULATE, (out, pred, imp, weight, starts, counts, 0))
     torch.library.opcheck(ACCUMULATE, (out, pred.to(torch.bfloat16), None, None, starts, counts, 2))
+    torch.library.opcheck(ACCUMULATE, (out, pred, imp, weight, starts, counts, 0, True))
 
 
 @pytest.mark.parametrize("device", devices())
