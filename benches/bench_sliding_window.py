@@ -2,6 +2,7 @@
 
 Variants, on the same volume and predictor, timed round-robin in one process:
   sslseg          sslseg.inference.sliding_window with the compiled ops (sw_gather / sw_accumulate_)
+  sslseg_out      the same, blending into a preallocated output (out=, reused across calls)
   sslseg_cold     the same, with the importance/weight-map cache cleared before every call (a new
                   volume size: the weight map is built once more, one extra pass over the windows)
   sslseg_torch    the same algorithm on the pure-PyTorch reference twins (use_ops=False)
@@ -211,6 +212,10 @@ def run_case(name: str, shape, roi, net_kind: str, batch_sizes, device: str, rou
             t = Timed(net, device)
             variants["sslseg"] = (lambda t=t, bs=bs: sliding_window(t, vol, roi, 0.5, "gaussian", 0.125, bs), t)
             if net_kind == "trivial":
+                buf = torch.empty((shape[0], 2, *shape[2:]), device=device)
+                t = Timed(net, device)
+                variants["sslseg_out"] = (lambda t=t, bs=bs, buf=buf: sliding_window(
+                    t, vol, roi, 0.5, "gaussian", 0.125, bs, out=buf), t)
                 t = Timed(net, device)
                 variants["sslseg_cold"] = (lambda t=t, bs=bs: (clear_cache(), sliding_window(
                     t, vol, roi, 0.5, "gaussian", 0.125, bs)), t)

@@ -18,13 +18,10 @@ pure-PyTorch reference twins (no custom op anywhere, e.g. to trace or export it)
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -129,45 +126,6 @@ def window_grid(
     return SlidingWindowGrid(tuple(spatial), tuple(roi), tuple(pad_before), tuple(starts))
 
 
-# ---- large CPU buffers: transparent huge pages ------------------------------------------------------
-
-_HUGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@lru_cache(maxsize=None)
-def _madvise():
-    """libc's madvise, or None where there is none (not Linux, no libc)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _huge_pages(t: Tensor) -> Tensor:
-    """Advise the kernel to back a fresh, untouched CPU buffer with transparent huge pages.
-
-    The output of a 3D volume is tens of MB of new memory per call; its first touch costs one
-    page fault per 4 KB page (about 20 ms per 64 MB on the reference 2-core host, a third of the
-    blending time). With ``MADV_HUGEPAGE`` (honoured where THP is ``always`` or ``madvise``) it
-    is one fault per 2 MB. A hint only: failures are ignored.
-    """
-    fn = _madvise()
-    nbytes = t.numel() * t.element_size()
-    if fn is None or t.device.type != "cpu" or nbytes < 4 * _HUGE or _tracing():
-        return t
-    start = t.data_ptr()
-    a, b = (start + _HUGE - 1) & ~(_HUGE - 1), (start + nbytes) & ~(_HUGE - 1)
-    if b > a:
-        fn(a, b - a, _MADV_HUGEPAGE)
-    return t
-
-
 # ---- cached importance and weight maps ------------------------------------------------------------
 
 _CACHE_SIZE = 4
@@ -222,17 +180,37 @@ def importance_map(
     def make() -> Tensor:
         if mode == "constant":
             m = torch.ones(roi, dtype=torch.float)
-        else:
-            sigmas = [r * s for r, s in zip(roi, sig)]
-            m = torch.ones(())
-            for i, r in enumerate(roi):
-                x = torch.arange(start=-(r - 1) / 2.0, end=(r - 1) / 2.0 + 1, dtype=torch.float)
-                x = torch.exp(x**2 / (-2 * sigmas[i] ** 2))
-                m = m.unsqueeze(-1) * x[(None,) * i] if i > 0 else x
-        # MONAI: clamp_(m, min=max(m.min().item(), 1e-3)); the same values without .item(), so
-        # the map can be built under torch.export / torch.compile.
-        low = torch.clamp(torch.min(m), min=1e-3)
-        return torch.maximum(m.to(torch.float), low).to(device=device, dtype=dtype)
+            return torch.maximum(m, torch.tensor(1e-3)).to(device=device, dtype=dtype)
+        factors, low = _gaussian_factors(roi, sig)
+        return _sw.dense_importance(_sw.separable_importance(factors, low), roi).to(device=device, dtype=dtype)
+
+    return _cached(_IMPORTANCE, key, make)
+
+
+def _gaussian_factors(roi: tuple, sig: tuple) -> tuple[list[Tensor], Tensor]:
+    """MONAI's 1-D Gaussians (float32, on the CPU) and the floor ``max(min(map), 1e-3)``.
+
+    Products of positive floats round monotonically, so the minimum of the map is the product of
+    the factors' minima, in the map's order. No ``.item()``: traceable by torch.export.
+    """
+    sigmas = [r * s for r, s in zip(roi, sig)]
+    factors = []
+    for i, r in enumerate(roi):
+        x = torch.arange(start=-(r - 1) / 2.0, end=(r - 1) / 2.0 + 1, dtype=torch.float)
+        factors.append(torch.exp(x**2 / (-2 * sigmas[i] ** 2)))
+    low = factors[0].min()
+    for f in factors[1:]:
+        low = low * f.min()
+    return factors, torch.clamp(low, min=1e-3)
+
+
+def _separable_map(roi: tuple, sig: tuple, device: torch.device) -> Tensor:
+    """The float32 Gaussian map in sw_accumulate_'s separable form, cached."""
+    key = ("separable", roi, sig, torch.device(device))
+
+    def make() -> Tensor:
+        factors, low = _gaussian_factors(roi, sig)
+        return _sw.separable_importance(factors, low).to(device)
 
     return _cached(_IMPORTANCE, key, make)
 
@@ -244,7 +222,7 @@ def _weight_map(grid: SlidingWindowGrid, mode: str, sigma: tuple, device: torch.
 
     def make() -> Tensor:
         imp = importance_map(grid.roi_size, mode, sigma, device=device, dtype=dtype)
-        w = _huge_pages(torch.empty((1, 1, *grid.spatial_size), dtype=dtype, device=device))
+        w = torch.empty((1, 1, *grid.spatial_size), dtype=dtype, device=device)
         windows = imp[None, None].expand(grid.num_windows, 1, *grid.roi_size)
         _accumulate(use_ops, w, windows, None, None, grid, 0)
         return w[0, 0]
@@ -355,7 +333,10 @@ def sliding_window(
             planes go straight to the output (labels, or ``out``/``out_dtype``). For volumes
             whose ``(B, K, *spatial)`` float32 output does not fit in memory. Same values.
         out: Optional preallocated result: ``(B, K, *spatial)`` floating for ``"blend"`` (any
-            float dtype, e.g. float16), ``(B, *spatial)`` integer for ``"labels"``.
+            float dtype, e.g. float16), ``(B, *spatial)`` integer for ``"labels"``. An ``out`` of
+            the accumulator's dtype (float32, or float64 for float64 predictions) on ``device`` is
+            blended into directly: reusing one across calls saves allocating (and page-faulting)
+            a new output each time.
         out_dtype: Dtype of a newly allocated ``"blend"`` result (default: the accumulator's,
             float32, or float64 when the predictor returns float64).
         sw_device: Device the windows are moved to before the predictor (default: the volume's).
@@ -491,8 +472,12 @@ class _Blend:
         dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
         g = self.grid
         self.dtype = dtype
-        self.imp = importance_map(g.roi_size, self.mode, self.sigma, device=self.device, dtype=dtype) \
-            if self.mode == "gaussian" else None
+        if self.mode == "constant":
+            self.imp = None
+        elif dtype == torch.float32:  # computed row by row in the kernel: no window-sized map to read
+            self.imp = _separable_map(g.roi_size, self.sigma, self.device)
+        else:  # float64 accumulator: MONAI's float32 map, cast
+            self.imp = importance_map(g.roi_size, self.mode, self.sigma, device=self.device, dtype=dtype)
         self.weight = _weight_map(g, self.mode, self.sigma, self.device, dtype, self.use_ops)
         k = pred.shape[1]
         shape = (self.batch, k, *g.spatial_size)
@@ -503,16 +488,19 @@ class _Blend:
         elif self.out is not None:
             _check_out(self.out, shape, integer=False)
         if not self.streaming:
-            self.acc = _huge_pages(torch.empty(shape, dtype=dtype, device=self.device))
+            direct = (self.out is not None and self.output == "blend" and self.out.dtype == dtype
+                      and self.out.device == self.device)
+            # out of the accumulator's dtype: blended in place (no new buffer, no page faults)
+            self.acc = self.out if direct else torch.empty(shape, dtype=dtype, device=self.device)
             return
         if self.out is not None:
             self.result = self.out
         elif self.output == "labels":
-            self.result = _huge_pages(torch.empty((self.batch, *g.spatial_size), dtype=torch.int64, device=self.device))
+            self.result = torch.empty((self.batch, *g.spatial_size), dtype=torch.int64, device=self.device)
         else:
-            self.result = _huge_pages(torch.empty(shape, dtype=self.out_dtype or dtype, device=self.device))
+            self.result = torch.empty(shape, dtype=self.out_dtype or dtype, device=self.device)
         depth = min(g.roi_size[0], g.spatial_size[0])
-        self.slabs = [_huge_pages(torch.empty((1, k, depth, *g.spatial_size[1:]), dtype=dtype, device=self.device))
+        self.slabs = [torch.empty((1, k, depth, *g.spatial_size[1:]), dtype=dtype, device=self.device)
                       for _ in range(2)]
         self.depth = depth
         self.b = -1
@@ -576,7 +564,7 @@ class _Blend:
                 return self.out.copy_(labels)
             return labels
         if self.out is not None:
-            return self.out.copy_(res)
+            return res if res is self.out else self.out.copy_(res)
         if self.out_dtype is not None and self.out_dtype != res.dtype:
             return res.to(self.out_dtype)
         return res

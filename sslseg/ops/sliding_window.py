@@ -34,7 +34,7 @@ from torch import Tensor
 
 from sslseg.ops._loader import has_ops, use_compiled
 
-__all__ = ["sw_accumulate_", "sw_gather"]
+__all__ = ["dense_importance", "separable_importance", "sw_accumulate_", "sw_gather"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -97,7 +97,9 @@ def sw_accumulate_(
             ``out``'s dtype), same device as ``out``.
         starts, counts: The window grid, in ``out`` coordinates (see the module docstring).
         window_begin: Grid index of ``pred[0]``; ``window_begin + N <= B * prod(counts)``.
-        importance: ``(*roi)`` blending weights in ``out``'s dtype, or None for 1 everywhere.
+        importance: ``(*roi)`` blending weights in ``out``'s dtype, or their separable form
+            (:func:`separable_importance`: 1-D, ``sum(roi) + 1`` entries, computed on the fly), or
+            None for 1 everywhere.
         weight: ``(*S)`` sum of the importance maps over all windows, in ``out``'s dtype, or None to
             leave the sums unnormalised.
         softmax: Blend ``softmax(pred, dim=1)`` (computed in ``out``'s dtype) instead of ``pred``:
@@ -212,12 +214,19 @@ def _check_accumulate(out: Tensor, pred: Tensor, importance: Tensor | None, weig
         )
     if any(s < 1 for s in pred.shape[2:]):
         raise RuntimeError(f"sw_accumulate_: pred's window size must be >= 1, got shape {list(pred.shape)}")
-    for name, t, shape in (("importance", importance, pred.shape[2:]), ("weight", weight, out.shape[2:])):
+    sep_len = 1 + sum(pred.shape[2:])
+    if importance is not None and importance.shape != pred.shape[2:] and list(importance.shape) != [sep_len]:
+        raise RuntimeError(
+            f"sw_accumulate_: importance must have the window shape {list(pred.shape[2:])} or be separable "
+            f"(1-D, sum(roi) + 1 = {sep_len} entries), got {list(importance.shape)}"
+        )
+    if weight is not None and weight.shape != out.shape[2:]:
+        raise RuntimeError(
+            f"sw_accumulate_: weight must have the spatial shape of out {list(out.shape[2:])}, got {list(weight.shape)}"
+        )
+    for name, t in (("importance", importance), ("weight", weight)):
         if t is None:
             continue
-        if t.shape != shape:
-            what = "the window shape" if name == "importance" else "the spatial shape of out"
-            raise RuntimeError(f"sw_accumulate_: {name} must have {what} {list(shape)}, got {list(t.shape)}")
         if t.dtype != out.dtype:
             raise RuntimeError(
                 f"sw_accumulate_: {name} must have the dtype of out ({_dtype_name(out.dtype)}), got {_dtype_name(t.dtype)}"
@@ -234,6 +243,26 @@ def _check_accumulate(out: Tensor, pred: Tensor, importance: Tensor | None, weig
             f"sw_accumulate_: windows [{window_begin}, {window_begin + n}) must lie in [0, B * prod(counts)] = [0, {total}]"
         )
     return grid
+
+
+def separable_importance(factors: Sequence[Tensor], floor: Tensor | float) -> Tensor:
+    """Pack per-dimension factors and a floor into ``sw_accumulate_``'s separable importance.
+
+    The map it stands for is ``max(((f0[i0] * f1[i1]) * f2[i2]), floor)`` (products rounded in
+    that order, as MONAI builds its Gaussian map), computed by the kernel row by row instead of
+    read from a window-sized tensor.
+    """
+    floor_t = torch.as_tensor(floor, dtype=factors[0].dtype, device=factors[0].device).reshape(1)
+    return torch.cat([*(f.reshape(-1) for f in factors), floor_t])
+
+
+def dense_importance(importance: Tensor, roi: Sequence[int]) -> Tensor:
+    """The ``(*roi)`` map a separable importance (see :func:`separable_importance`) stands for."""
+    factors = list(torch.split(importance[:-1], list(roi)))
+    m = factors[0]
+    for i in range(1, len(factors)):
+        m = m.unsqueeze(-1) * factors[i][(None,) * i]
+    return torch.maximum(m, importance[-1])
 
 
 # ---- the reference twins, and the fake kernels ---------------------------------------------------
@@ -274,6 +303,8 @@ def _reference_accumulate(out: Tensor, pred: Tensor, importance: Tensor | None, 
         local = tuple(slice(a - s, z - s) for a, z, s in zip(lo, hi, start))
         region = tuple(slice(a, z) for a, z in zip(lo, hi))
         v = pred[(n, slice(None), *local)].to(out.dtype)
+        if importance is not None and importance.dim() == 1:
+            importance = dense_importance(importance, roi)
         if softmax:
             v = torch.softmax(v, dim=0)
         if importance is not None:

@@ -146,6 +146,32 @@ def test_accumulate_matches_reference(device, pred_dtype, out_dtype, case, softm
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", ["3d_odd", "2d_odd", "roi_larger"])
+def test_separable_importance_equals_dense(device, case):
+    shape, roi, overlap = ACC_CASES[case]
+    starts, counts, per_batch = _grid(shape, roi, overlap)
+    n = shape[0] * per_batch
+    g = torch.Generator().manual_seed(9)
+    factors = [torch.rand(r, generator=g) + 0.05 for r in roi]
+    sep = sw.separable_importance(factors, 0.2).to(device)
+    dense = sw.dense_importance(sep, roi)
+    m = factors[0]
+    for i in range(1, len(roi)):
+        m = m.unsqueeze(-1) * factors[i][(None,) * i]
+    torch.testing.assert_close(dense.cpu(), torch.clamp(m, min=0.2), rtol=0, atol=0)  # MONAI's construction
+    pred = _randn((n, shape[1], *roi), device, torch.float32, seed=6)
+    weight = _weight(dense, starts, counts, shape[2:], per_batch, ACCUMULATE)
+    results = []
+    for imp in (sep, dense):
+        for fn in (ACCUMULATE, _reference_accumulate):
+            out = torch.empty(shape, device=device)
+            fn(out, pred, imp, weight, starts, counts, 0)
+            results.append(out)
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_accumulate_without_importance_or_weight(device):
     shape, roi = (1, 2, 9, 8), (5, 4)
     starts, counts, n = _grid(shape, roi, 0.5)
@@ -229,7 +255,8 @@ ACC_ERRORS = [
     (_acc_args(pred=_vol(1, 3, 2, 2)), r"pred must have the 2 channels of out, got 3"),
     (_acc_args(pred=_vol(1, 2, 2, 2, dtype=torch.int32)), r"pred must be float16, bfloat16, float32 or float64, got int32"),
     (_acc_args(pred=_vol(1, 2, 0, 2)), r"pred's window size must be >= 1, got shape \[1, 2, 0, 2\]"),
-    (_acc_args(imp=_vol(2, 3)), r"importance must have the window shape \[2, 2\], got \[2, 3\]"),
+    (_acc_args(imp=_vol(2, 3)), r"importance must have the window shape \[2, 2\] or be separable \(1-D, sum\(roi\) \+ 1 = 5 entries\), got \[2, 3\]"),
+    (_acc_args(imp=_vol(4)), r"importance must have the window shape \[2, 2\] or be separable .* got \[4\]"),
     (_acc_args(imp=_vol(2, 2, dtype=torch.float64)), r"importance must have the dtype of out \(float32\), got float64"),
     (_acc_args(weight=_vol(4, 5)), r"weight must have the spatial shape of out \[4, 4\], got \[4, 5\]"),
     (_acc_args(weight=_vol(4, 4, dtype=torch.float64)), r"weight must have the dtype of out \(float32\), got float64"),

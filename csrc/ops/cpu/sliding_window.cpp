@@ -169,8 +169,12 @@ SwGrid sw_accumulate_check(const at::Tensor& out, const at::Tensor& pred, const 
   }
   if (importance.has_value() && importance->defined()) {
     const at::Tensor& imp = *importance;
-    SSLSEG_CHECK(imp.sizes() == pred.sizes().slice(2), "sw_accumulate_: importance must have the window shape ",
-                 list_str(pred.sizes().slice(2)), ", got ", shape_str(imp));
+    int64_t sep_len = 1;
+    for (int d = 0; d < nd; ++d) sep_len += pred.size(2 + d);
+    const bool separable = imp.dim() == 1 && imp.size(0) == sep_len;
+    SSLSEG_CHECK(separable || imp.sizes() == pred.sizes().slice(2), "sw_accumulate_: importance must have the window shape ",
+                 list_str(pred.sizes().slice(2)), " or be separable (1-D, sum(roi) + 1 = ", sep_len, " entries), got ",
+                 shape_str(imp));
     SSLSEG_CHECK(imp.scalar_type() == out.scalar_type(), "sw_accumulate_: importance must have the dtype of out (",
                  dtype_name(out.scalar_type()), "), got ", dtype_name(imp.scalar_type()));
     SSLSEG_CHECK(imp.device() == out.device(), "sw_accumulate_: importance must be on the device of out (",
@@ -321,9 +325,39 @@ inline void acc_segment(bool first, bool last, A* o, int64_t os, const P* p, int
   }
 }
 
+// Separable importance (MONAI's Gaussian map without materialising it): per-dimension factors
+// f[d] (the dummy leading dim of a 2D problem has none: factor 1) and a floor;
+// importance[i] = max((f0[i0] * f1[i1]) * f2[i2], floor), the products rounded in MONAI's order.
+template <typename A>
+struct SepImp {
+  const A* f[3] = {nullptr, nullptr, nullptr};
+  A floor = 0;
+};
+
+template <typename A>
+SepImp<A> sep_imp(const A* p, const SwGrid& g) {
+  SepImp<A> r;
+  int64_t off = 0;
+  for (int d = 3 - g.nd; d < 3; ++d) {
+    r.f[d] = p + off;
+    off += g.roi[d];
+  }
+  r.floor = p[off];
+  return r;
+}
+
+template <typename A>
+void sep_row(A* __restrict__ dst, const A* __restrict__ f2, A s01, A floor, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const A v = s01 * f2[j];
+    dst[j] = __builtin_isgreater(floor, v) ? floor : v;
+  }
+}
+
 template <typename P, typename A, bool kImp, bool kUnit>
 void accumulate_windows(const at::Tensor& out, const at::Tensor& pred, const A* imp, const at::Tensor* weight,
-                        const SwGrid& g, int64_t window_begin, bool softmax) {
+                        const SwGrid& g, int64_t window_begin, bool softmax, bool separable) {
+  const SepImp<A> sep = kImp && separable ? sep_imp(imp, g) : SepImp<A>{};
   const Sw5 o5 = sw_as5(out), p5 = sw_as5(pred);
   A* op = out.data_ptr<A>();
   const P* pp = pred.const_data_ptr<P>();
@@ -362,6 +396,8 @@ void accumulate_windows(const at::Tensor& out, const at::Tensor& pred, const A* 
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       // softmax: the row's probabilities for all channels, computed once, unit stride.
       std::vector<A> buf(softmax ? (C + 2) * len : 0);
+      // separable importance: the row of the map, computed once per row for all channels.
+      std::vector<A> ibuf(kImp && separable ? r[2] : 0);
       int64_t x1 = lo[1] + begin % e1, x0 = lo[0] + begin / e1;
       for (int64_t row = begin; row < end; ++row) {
         const bool outer_first = x0 >= win.first_from[0] && x1 >= win.first_from[1];
@@ -369,7 +405,16 @@ void accumulate_windows(const at::Tensor& out, const at::Tensor& pred, const A* 
         // Row pointers at x2 = 0 (out, weight) and at i2 = 0 (pred, importance), offset per run.
         A* orow = op + obase + x0 * o5.stride[2] + x1 * o5.stride[3];
         const P* prow = pp + pbase + (x0 - win.start[0]) * p5.stride[2] + (x1 - win.start[1]) * p5.stride[3];
-        const A* irow = kImp ? imp + ((x0 - win.start[0]) * r[1] + (x1 - win.start[1])) * r[2] : nullptr;
+        const A* irow = nullptr;
+        if constexpr (kImp) {
+          if (separable) {
+            const A f0 = sep.f[0] ? sep.f[0][x0 - win.start[0]] : A(1);
+            sep_row(ibuf.data(), sep.f[2], static_cast<A>(f0 * sep.f[1][x1 - win.start[1]]), sep.floor, r[2]);
+            irow = ibuf.data();
+          } else {
+            irow = imp + ((x0 - win.start[0]) * r[1] + (x1 - win.start[1])) * r[2];
+          }
+        }
         const A* wrow = wp ? wp + x0 * wst[0] + x1 * wst[1] : nullptr;
         if (softmax) {
           const P* p0 = prow + (lo[2] - win.start[2]) * p5.stride[4];
@@ -416,12 +461,13 @@ void accumulate_dispatch(const at::Tensor& out, const at::Tensor& pred, const at
   const bool unit = out.stride(-1) == 1 && (softmax || pred.stride(-1) == 1) &&
                     (weight == nullptr || weight->stride(-1) == 1);
   const A* ip = imp.defined() ? imp.const_data_ptr<A>() : nullptr;
+  const bool sep = imp.defined() && imp.dim() == 1;
   if (ip) {
-    if (unit) accumulate_windows<P, A, true, true>(out, pred, ip, weight, g, window_begin, softmax);
-    else accumulate_windows<P, A, true, false>(out, pred, ip, weight, g, window_begin, softmax);
+    if (unit) accumulate_windows<P, A, true, true>(out, pred, ip, weight, g, window_begin, softmax, sep);
+    else accumulate_windows<P, A, true, false>(out, pred, ip, weight, g, window_begin, softmax, sep);
   } else {
-    if (unit) accumulate_windows<P, A, false, true>(out, pred, ip, weight, g, window_begin, softmax);
-    else accumulate_windows<P, A, false, false>(out, pred, ip, weight, g, window_begin, softmax);
+    if (unit) accumulate_windows<P, A, false, true>(out, pred, ip, weight, g, window_begin, softmax, sep);
+    else accumulate_windows<P, A, false, false>(out, pred, ip, weight, g, window_begin, softmax, sep);
   }
 }
 

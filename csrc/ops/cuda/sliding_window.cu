@@ -81,7 +81,22 @@ struct AccArgs {
   int64_t b;
   int64_t n;
   int64_t channels;
+  // Separable importance (imp is 1-D): offsets of the per-dim factors in imp (-1: the dummy
+  // leading dim of a 2D problem, factor 1) and of the floor.
+  bool separable;
+  int64_t f_off[3];
+  int64_t floor_off;
 };
+
+template <typename A>
+__device__ __forceinline__ A importance_at(const A* __restrict__ imp, const AccArgs& a, int64_t i0, int64_t i1,
+                                           int64_t i2) {
+  if (!a.separable) return imp[(i0 * a.roi[1] + i1) * a.roi[2] + i2];
+  const A f0 = a.f_off[0] >= 0 ? imp[a.f_off[0] + i0] : A(1);
+  const A v = mul_rn(mul_rn(f0, imp[a.f_off[1] + i1]), imp[a.f_off[2] + i2]);
+  const A floor = imp[a.floor_off];
+  return v < floor ? floor : v;
+}
 
 __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
@@ -103,7 +118,7 @@ __global__ void accumulate_kernel(A* __restrict__ out, const P* __restrict__ pre
     A* ov = out + a.b * a.ostride[0] + x0 * a.ostride[2] + x1 * a.ostride[3] + x2 * a.ostride[4];
     const bool first = x0 >= a.first_from[0] && x1 >= a.first_from[1] && x2 >= a.first_from[2];
     const bool last = wt != nullptr && x0 < a.last_before[0] && x1 < a.last_before[1] && x2 < a.last_before[2];
-    const A iw = imp != nullptr ? imp[(i0 * a.roi[1] + i1) * a.roi[2] + i2] : A(1);
+    const A iw = imp != nullptr ? importance_at(imp, a, i0, i1, i2) : A(1);
     const A wv = last ? wt[x0 * a.wstride[0] + x1 * a.wstride[1] + x2 * a.wstride[2]] : A(1);
     A m = 0, inv = 1;
     if (softmax) {
@@ -175,6 +190,14 @@ void launch_accumulate(const at::Tensor& out, const at::Tensor& pred, const at::
   A* op = out.data_ptr<A>();
   const P* pp = pred.const_data_ptr<P>();
   const A* ip = imp.defined() ? imp.const_data_ptr<A>() : nullptr;
+  a.separable = imp.defined() && imp.dim() == 1;
+  a.f_off[0] = -1;
+  int64_t off = 0;
+  for (int d = 3 - g.nd; d < 3; ++d) {
+    a.f_off[d] = off;
+    off += g.roi[d];
+  }
+  a.floor_off = off;
   const A* wp = weight ? weight->const_data_ptr<A>() : nullptr;
   a.channels = o5.size[1];
   for (int64_t n = 0; n < p5.size[0]; ++n) {
