@@ -15,6 +15,9 @@ _SUBMODULES = ("ops", "models", "data", "losses", "metrics", "inference", "metho
 # Public functions, by the module that defines them (imported on first use).
 _FUNCTIONS = {
     "fit": "sslseg.engine",
+    "evaluate": "sslseg.evaluation",
+    "infer": "sslseg.inference",
+    "export": "sslseg.exporter",
     "Run": "sslseg.engine",
     "list_methods": "sslseg.methods",
     "list_models": "sslseg.models",

@@ -6,8 +6,14 @@ Each area registers its subcommands here, so ``sslseg --help`` lists everything.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+
+# Modules with a ``register_cli(subparsers)`` function, in the order of ``sslseg --help``.
+_CLI_MODULES = (
+    "sslseg.data.cli",
+)
 
 
 def _cmd_ops(args: argparse.Namespace) -> int:
@@ -98,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ops", help="show the compiled operators and their CPU/CUDA kernels")
     p.set_defaults(func=_cmd_ops)
 
-    from sslseg.data.cli import register_cli as register_data
-
-    register_data(sub)
+    # Each area adds its own subcommands; these modules must stay cheap to import.
+    for module in _CLI_MODULES:
+        importlib.import_module(module).register_cli(sub)
     return parser
 
 

@@ -193,6 +193,23 @@ class CaseDataset:
         return tuple(sp)
 
     @property
+    def intensity(self) -> str:
+        """The per-volume normalisation (``zscore``, ``minmax`` or ``none``) that turns a raw image
+        of this dataset into what the network sees; stored with trained models so that inference
+        on new files normalises as training did.
+
+        NIfTI folders: the ``intensity`` given to :func:`load`. SSL4MIS h5 files are stored
+        normalised by their preprocessing: min-max for ACDC, z-score for LA and BraTS (the
+        synthetic phantoms follow the same conventions).
+        """
+        first = self._volumes[self.volume_ids[0]]
+        mode = getattr(first, "intensity", None)
+        if mode is not None:
+            return mode
+        kind = self.layout if self.layout != "synthetic" else self.name.split(":", 1)[-1].split("?", 1)[0]
+        return "minmax" if kind == "acdc" else "zscore"
+
+    @property
     def in_channels(self) -> int:
         """Number of image channels (1 for SSL4MIS h5 files)."""
         if self._in_channels is None:

@@ -21,9 +21,11 @@ import torch
 import yaml
 from torch import Tensor
 
+import sslseg
+
 from sslseg.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sslseg.engine.config import EngineConfig, config_to_dict, load_yaml, update_dataclass
-from sslseg.engine.run import Run
+from sslseg.engine.run import MODEL_FORMAT, Run
 from sslseg.engine.schedules import consistency_weight, poly_lr, sigmoid_rampup
 from sslseg.engine.validation import validate
 from sslseg.methods.base import NetworkSpec, SSLMethod, StepContext, get_method
@@ -267,7 +269,8 @@ class _Trainer:
             "model": self.spec.model, "in_channels": self.spec.in_channels, "num_classes": self.spec.num_classes,
             "dim": self.dim, "patch_size": list(self.patch), "model_options": dict(self.spec.model_options),
             "spacing": list(self.dataset.spacing) if self.dataset.spacing is not None else None,
-            "method": self.cls.name, "data": str(self.eng.data),
+            "method": self.cls.name, "data": str(self.eng.data), "intensity": self.dataset.intensity,
+            "class_names": list(self.dataset.class_names or []), "sslseg_version": sslseg.__version__,
         }
 
     def _write_config(self) -> None:
@@ -370,7 +373,7 @@ class _Trainer:
         # last.pt first: if the run dies between the two writes, best_val.pt is at worst one validation old.
         save_checkpoint(self._state(next_step), self.dir / _LAST)
         if improved:
-            save_checkpoint({"format": "sslseg-model/1", "step": next_step, "metrics": json.dumps(result),
+            save_checkpoint({"format": MODEL_FORMAT, "step": next_step, "metrics": json.dumps(result),
                              "record": json.dumps(self._model_record()),
                              "state_dict": self.method.eval_model().state_dict()}, self.dir / _BEST)
 

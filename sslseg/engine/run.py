@@ -11,7 +11,11 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["Run", "load_model"]
+import sslseg
+
+__all__ = ["MODEL_FORMAT", "Run", "load_model"]
+
+MODEL_FORMAT = "sslseg-model/1"  # best_val.pt; bump when its content changes incompatibly
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -27,10 +31,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     path = Path(path)
     if path.is_dir():
         path = path / "best_val.pt"
-    ckpt = load_checkpoint(path, map_location=device)
-    if ckpt.get("format") != "sslseg-model/1":
-        raise ValueError(f"{path}: not an sslseg model file (format {ckpt.get('format')!r})")
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a truncated file, a text file, a pickle with code: one clear line
+        raise ValueError(f"{path}: cannot be read as an sslseg model file ({type(exc).__name__}: {exc})") from exc
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != MODEL_FORMAT:
+        written_by = ""
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("record"), str):
+            written_by = f", written by sslseg {json.loads(ckpt['record']).get('sslseg_version', '?')}"
+        if isinstance(fmt, str) and fmt.startswith("sslseg-model/"):
+            raise ValueError(f"{path}: model file format {fmt!r}{written_by}; this sslseg {sslseg.__version__} reads "
+                             f"{MODEL_FORMAT!r}. Load it with the sslseg version that wrote it, or retrain.")
+        raise ValueError(f"{path}: not an sslseg model file (format {fmt!r}, expected {MODEL_FORMAT!r})")
     record = json.loads(ckpt["record"])
+    record.setdefault("intensity", "zscore")  # files written before the key existed
     model = create_model(record["model"], record["in_channels"], record["num_classes"], **record["model_options"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), record
