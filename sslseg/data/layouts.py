@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,26 +170,35 @@ def index_brats(root: Path) -> Index:
     data = root / "data" if (root / "data").is_dir() else root
     files = _h5_files(data)
     lists = {n: _find_list([root], n) for n in ("train", "val", "test")}
+    return _index_per_case_files(index, files, lists, lambda vid: data / f"{vid}.h5",
+                                 missing=(str(data), "no .h5 files found"))
+
+
+def _index_per_case_files(index: Index, files: dict[str, Path], lists: dict[str, Path | None],
+                          expected: Callable[[str], Path], missing: tuple[str, str]) -> Index:
+    """Fill ``index`` from one h5 file per case (BraTS, LA) and the optional train/val/test lists:
+    without lists every file is a case; with lists, each named case must exist (a problem
+    otherwise, showing the ``expected`` path) and unlisted files are noted as unused."""
     if not any(lists.values()):
         for vid, path in files.items():
             index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
         if not files:
-            index.problems.append((str(data), "no .h5 files found"))
+            index.problems.append(missing)
         return index
     for group, lst in lists.items():
-        ids = _read_list(lst, index) if lst is not None else []
+        if lst is None:
+            continue
         kept = []
-        for vid in ids:
+        for vid in _read_list(lst, index):
             path = files.get(vid)
             if path is None:
-                index.problems.append((str(lst), f"names case {vid!r} but {data / (vid + '.h5')} does not exist"))
+                index.problems.append((str(lst), f"names case {vid!r} but {expected(vid)} does not exist"))
                 continue
             index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
             kept.append(vid)
         index.official[group] = _unique_cases(kept)
-    listed = set(index.volumes)
-    for vid in sorted(set(files) - listed):
-        index.warnings.append((str(files[vid]), "file not named by any list; unused"))
+    for vid in sorted(set(files) - set(index.volumes)):
+        index.warnings.append((str(files[vid]), "case not named by any list; unused"))
     _check_disjoint(index, {n: str(p) for n, p in lists.items() if p is not None})
     return index
 
@@ -205,30 +214,9 @@ def index_la(root: Path) -> Index:
     files = {p.parent.name: p for p in found}
     parents = list(dict.fromkeys([root] + [p.parent.parent for p in found] + [p.parent.parent.parent for p in found]))
     lists = {n: _find_list(parents, n) for n in ("train", "val", "test")}
-    if not any(lists.values()):
-        for vid, path in files.items():
-            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
-        if not files:
-            index.problems.append((str(root), f"no <case>/{LA_FILE} files found"))
-        return index
     case_parent = found[0].parent.parent if found else root
-    for group, lst in lists.items():
-        if lst is None:
-            continue
-        kept = []
-        for vid in _read_list(lst, index):
-            path = files.get(vid)
-            if path is None:
-                index.problems.append((str(lst), f"names case {vid!r} but {case_parent / vid / LA_FILE} does not exist"))
-                continue
-            index.volumes[vid] = H5Volume(vid, case_of(vid), path=path)
-            kept.append(vid)
-        index.official[group] = _unique_cases(kept)
-    listed = set(index.volumes)
-    for vid in sorted(set(files) - listed):
-        index.warnings.append((str(files[vid]), "case not named by any list; unused"))
-    _check_disjoint(index, {n: str(p) for n, p in lists.items() if p is not None})
-    return index
+    return _index_per_case_files(index, files, lists, lambda vid: case_parent / vid / LA_FILE,
+                                 missing=(str(root), f"no <case>/{LA_FILE} files found"))
 
 
 # --------------------------------------------------------------------------------------------- NIfTI

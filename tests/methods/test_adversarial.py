@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -13,6 +12,8 @@ from torch import nn
 from sslseg.data import Batch
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.adversarial import discriminator_targets
+
+from tests.methods._context import cpu_context
 
 
 class _Conv(nn.Module):
@@ -47,8 +48,7 @@ def _ctx(record: list | None = None) -> StepContext:
             record.append(loss.detach())
         loss.backward()
 
-    return StepContext(step=0, iterations=10, consistency_weight=1.0, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=backward, optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=1.0, backward=backward)
 
 
 def test_targets_follow_the_batch_counts():

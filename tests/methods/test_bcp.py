@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -11,24 +10,18 @@ import torch.nn.functional as F
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import dice_loss
-from sslseg.methods import NetworkSpec, StepContext, get_method
+from sslseg.methods import StepContext, get_method
 from sslseg.methods.bcp import copy_paste_mask, region_loss
+
+from tests.methods._context import cpu_context, tiny_method
 
 
 def _ctx(step: int, iterations: int = 8) -> StepContext:
-    return StepContext(step=step, iterations=iterations, consistency_weight=0.1, rampup=1.0,
-                       device=torch.device("cpu"), autocast=contextlib.nullcontext,
-                       backward=lambda loss: loss.backward(), optimizer_step=lambda opt: opt.step())
+    return cpu_context(step=step, iterations=iterations)
 
 
 def _method(dim: int = 2, **options):
-    cls = get_method("bcp")
-    model, patch, opts = ("unet", (32, 32), {"channels": (4, 8, 16, 32, 64)}) if dim == 2 else \
-        ("unet_3d", (16, 16, 16), {"channels": (4, 8, 16)})
-    spec = NetworkSpec(model=model, in_channels=1, num_classes=3, dim=dim, patch_size=patch, seed=0, model_options=opts)
-    m = cls(cls.Config(**options), spec)
-    m.build()
-    return m
+    return tiny_method("bcp", dim, **options)
 
 
 def _batch(dim: int = 2, n_l: int = 4, n_u: int = 4) -> Batch:

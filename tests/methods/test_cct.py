@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -13,13 +12,13 @@ from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.cct import cct_consistency
 from sslseg.models import create_model
 
+from tests.methods._context import cpu_context
+
 SMALL = {"channels": (4, 8, 16, 32, 64)}
 
 
 def _ctx(weight: float = 0.1) -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=weight, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=weight)
 
 
 def _method(model: str = "unet", model_options=SMALL, **options):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,13 +11,13 @@ from sslseg.losses.segmentation import dice_loss, supervised_loss
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.ctct import cross_teaching_loss
 
+from tests.methods._context import cpu_context
+
 TINY_SWIN = {"embed_dim": 12, "num_heads": (1, 1, 1, 1)}
 
 
 def _ctx(weight: float = 0.1) -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=weight, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=weight)
 
 
 def _method(**options):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -15,11 +14,11 @@ from sslseg.losses.segmentation import supervised_loss
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.dtc import dtc_consistency, sdf_targets, sdf_to_mask
 
+from tests.methods._context import cpu_context
+
 
 def _ctx(weight: float = 0.5) -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=weight, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=weight)
 
 
 def test_sdf_targets_are_negative_inside_zero_on_the_boundary_positive_outside():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -13,13 +12,13 @@ from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods._pseudo import IGNORE_INDEX
 from sslseg.methods.fixmatch import fixmatch_unsup_loss, probe_proximity
 
+from tests.methods._context import cpu_context
+
 SMALL = {"channels": (4, 8, 16, 32, 64)}
 
 
 def _ctx(step: int = 0, iterations: int = 10, weight: float = 0.1) -> StepContext:
-    return StepContext(step=step, iterations=iterations, consistency_weight=weight, rampup=1.0,
-                       device=torch.device("cpu"), autocast=contextlib.nullcontext,
-                       backward=lambda loss: loss.backward(), optimizer_step=lambda opt: opt.step())
+    return cpu_context(step=step, iterations=iterations, weight=weight)
 
 
 def _method(**options):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,11 +11,11 @@ from sslseg.data import Batch
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.ict import ict_pairs, mix
 
+from tests.methods._context import cpu_context
+
 
 def _ctx() -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=1.0, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=1.0)
 
 
 class _Recording(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,11 +11,11 @@ from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss
 from sslseg.methods import NetworkSpec, StepContext, get_method
 
+from tests.methods._context import cpu_context
+
 
 def _ctx(weight: float = 4.0) -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=weight, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=weight)
 
 
 class _TwoMasks(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -11,11 +10,11 @@ from sslseg.data import Batch
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.rotation_consistency import rotation_consistency_loss
 
+from tests.methods._context import cpu_context
+
 
 def _ctx() -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=0.1, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context()
 
 
 def _method(**options):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -14,11 +13,11 @@ from sslseg.engine.schedules import sigmoid_rampup
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.uamt import uamt_threshold, uncertainty_masked_mse
 
+from tests.methods._context import cpu_context
+
 
 def _ctx(step: int = 0, iterations: int = 10, weight: float = 1.0) -> StepContext:
-    return StepContext(step=step, iterations=iterations, consistency_weight=weight, rampup=1.0,
-                       device=torch.device("cpu"), autocast=contextlib.nullcontext,
-                       backward=lambda loss: loss.backward(), optimizer_step=lambda opt: opt.step())
+    return cpu_context(step=step, iterations=iterations, weight=weight)
 
 
 class _Counting(nn.Module):

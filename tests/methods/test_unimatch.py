@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 import sslseg.methods.unimatch as um
 from sslseg.data import Batch
-from sslseg.methods import NetworkSpec, StepContext, get_method
+from sslseg.methods import StepContext, get_method
 from sslseg.methods.unimatch import feature_perturbation, mix_boxes
 from sslseg.models import create_model
 
+from tests.methods._context import cpu_context, tiny_method
+
 
 def _ctx() -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=0.1, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context()
 
 
 def _method(dim: int = 2, **options):
-    cls = get_method("unimatch")
-    model, patch, opts = ("unet", (32, 32), {"channels": (4, 8, 16, 32, 64)}) if dim == 2 else \
-        ("unet_3d", (16, 16, 16), {"channels": (4, 8, 16)})
-    spec = NetworkSpec(model=model, in_channels=1, num_classes=3, dim=dim, patch_size=patch, seed=0, model_options=opts)
-    m = cls(cls.Config(**options), spec)
-    m.build()
-    return m
+    return tiny_method("unimatch", dim, **options)
 
 
 def _batch(dim: int = 2, n_l: int = 2, n_u: int = 3) -> Batch:

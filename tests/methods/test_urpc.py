@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -15,11 +14,11 @@ from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.urpc import urpc_consistency
 from sslseg.models import create_model
 
+from tests.methods._context import cpu_context
+
 
 def _ctx() -> StepContext:
-    return StepContext(step=0, iterations=10, consistency_weight=0.5, rampup=1.0, device=torch.device("cpu"),
-                       autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                       optimizer_step=lambda opt: opt.step())
+    return cpu_context(weight=0.5)
 
 
 def _kl(a: list[float], b: list[float]) -> float:
