@@ -49,8 +49,16 @@ class EngineConfig:
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
         channels_last: Train in channels_last(_3d) memory format.
         num_workers: DataLoader workers.
-        device: ``cpu``, ``cuda``, ``cuda:1``...; None: CUDA if available, else CPU.
-        progress: Show a progress bar.
+        device: ``cpu``, ``cuda``, ``cuda:1``...; None: CUDA if available, else CPU. Under
+            torchrun each process uses ``cuda:<LOCAL_RANK>`` (or the CPU with ``cpu``).
+        progress: Show a progress bar (loss, lr, consistency weight, it/s, ETA).
+        sync_bn: Under DDP, convert BatchNorm layers to ``SyncBatchNorm`` so that batch statistics
+            are those of the global batch (CUDA only, as torch's SyncBatchNorm); ignored in one
+            process.
+        tensorboard: Write TensorBoard logs to ``<run>/tb``; None: when the ``tensorboard`` package
+            is installed.
+        image_every: TensorBoard image overlays (one validation case's middle slice: image, ground
+            truth, prediction) every N steps; None: at each validation.
     """
 
     data: str = "synthetic:acdc"
@@ -80,6 +88,9 @@ class EngineConfig:
     num_workers: int = 0
     device: str | None = None
     progress: bool = True
+    sync_bn: bool = False
+    tensorboard: bool | None = None
+    image_every: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +103,11 @@ class EngineConfig:
             ("batch_size", self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size > 0), "None or an int > 0"),
             ("labeled_bs", self.labeled_bs is None or (isinstance(self.labeled_bs, int) and self.labeled_bs > 0), "None or an int > 0"),
             ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
+            ("sync_bn", isinstance(self.sync_bn, bool), "a bool"),
+            ("tensorboard", self.tensorboard is None or isinstance(self.tensorboard, bool), "None or a bool"),
+            ("image_every", self.image_every is None or (isinstance(self.image_every, int)
+                                                         and not isinstance(self.image_every, bool)
+                                                         and self.image_every > 0), "None or an int > 0"),
         ]
         for name, ok, expected in checks:
             if not ok:

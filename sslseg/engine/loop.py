@@ -2,12 +2,20 @@
 
 Everything that SSL4MIS repeats in each of its scripts lives here once: seeds, devices, AMP, the
 optimizer and poly LR, the consistency ramp-up, the two-stream batches, validation on the
-validation split, atomic checkpoints with resume, and logging without per-step host syncs.
+validation split, atomic checkpoints with resume, logging without per-step host syncs, and
+distributed data-parallel training under torchrun.
+
+Distributed runs (``torchrun --nproc_per_node N -m sslseg fit ...``): ``batch_size`` and
+``labeled_bs`` are global and split evenly over the ranks; the method's step runs inside one
+``DistributedDataParallel`` wrapper over its trained networks (gradients averaged), EMA teachers
+stay local and identical, batch statistics of the losses are summed over the ranks, validation is
+sharded by case and combined exactly, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -19,29 +27,100 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 
 import sslseg
 
+from sslseg.engine import distributed as dist
 from sslseg.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sslseg.engine.config import EngineConfig, config_to_dict, load_yaml, update_dataclass
-from sslseg.engine.run import MODEL_FORMAT, Run
+from sslseg.engine.logger import RunLogger, middle_slice_prediction, plot_progress, use_tensorboard
+from sslseg.engine.run import MODEL_FILES, MODEL_FORMAT, Run
 from sslseg.engine.schedules import consistency_weight, poly_lr, sigmoid_rampup
 from sslseg.engine.validation import validate
 from sslseg.methods.base import NetworkSpec, SSLMethod, StepContext, get_method
 
 __all__ = ["fit"]
 
-_LAST, _BEST = "last.pt", "best_val.pt"
+_LAST, _BEST = "last.pt", MODEL_FILES["best_val"]
+#: Salt of the per-rank seeds (rank r > 0 of a distributed run reseeds its global RNGs after the
+#: networks are built, so dropout and noise differ across ranks; rank 0 keeps the run seed's stream).
+_RANK_SEED_KEY = 0x5EED
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is available; use device='cpu'")
-    return dev
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor moved to the CPU (objects gathered across ranks are pickled)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def combine_validation(results: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Merge the validation results of disjoint case shards into the result over all cases.
+
+    Each result holds means over its ``cases``; the merge weights them by ``cases``, so it equals a
+    single validation over the union exactly (up to float rounding). Floats and lists of floats are
+    weighted means, ``cases`` and other integers (counts) are summed, anything else is taken from
+    the first shard. ``None`` entries (ranks without validation cases) are skipped.
+    """
+    parts = [r for r in results if r is not None]
+    if not parts:
+        raise ValueError("combine_validation: no rank validated any case")
+    total = sum(int(r["cases"]) for r in parts)
+    out: dict[str, Any] = {}
+    for key, first in parts[0].items():
+        values = [r[key] for r in parts]
+        if isinstance(first, bool) or key == "step":
+            out[key] = first
+        elif isinstance(first, int):
+            out[key] = sum(values)
+        elif isinstance(first, float):
+            out[key] = sum(v * r["cases"] for v, r in zip(values, parts)) / total
+        elif isinstance(first, list) and all(isinstance(x, (int, float)) for x in first):
+            out[key] = [sum(v[i] * r["cases"] for v, r in zip(values, parts)) / total for i in range(len(first))]
+        else:
+            out[key] = first
+    return out
+
+
+class _StepModule(nn.Module):
+    """The method's step as a module over its trained networks, so one DDP wrapper covers them all.
+
+    Wrapping each network separately would break methods that call a network twice per step or
+    through ``forward_all``; wrapping the step keeps the method unaware of DDP.
+    """
+
+    def __init__(self, method: SSLMethod, device: torch.device) -> None:
+        super().__init__()
+        self.nets = method.nets
+        self._method = method
+        # A parameter no step uses: DDP's unused-parameter search (needed for auxiliary heads, or a
+        # branch a method skips at some steps) then always finds one, instead of warning on every
+        # run whose steps happen to use every parameter. It is in no optimizer and no checkpoint.
+        self.sentinel = nn.Parameter(torch.zeros((), device=device))
+
+    def forward(self, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self._method.step(batch, ctx)
+        return out.loss, out.logs
+
+
+def _wrap_ddp(method: SSLMethod, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    module = _StepModule(method, device)
+    # Gradients of networks outside the engine's optimizer (a discriminator with its own optimizer)
+    # are not the engine's to synchronise: the method averages them when it steps that optimizer.
+    trained = {id(p) for p in method.trainable_parameters()} | {id(module.sentinel)}
+    ignored = [name for name, p in module.named_parameters() if id(p) not in trained]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+    # Buffers are synchronised at construction only: the loop averages them after every step,
+    # which makes DDP's rank-0 broadcast before each forward redundant.
+    ddp = nn.parallel.DistributedDataParallel
+    no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else {"broadcast_buffers": False})  # older torch
+    return ddp(module, device_ids=None, find_unused_parameters=True, **no_forward_sync)
 
 
 def _labeled_value(labeled: float | int | None) -> int | float | None:
@@ -110,6 +189,10 @@ def fit(
         The :class:`Run`: ``.model`` (the eval network with its best validation weights),
         ``.metrics`` (``best_val`` and ``last``), ``.dir``, ``.config``, ``.history``.
 
+    Under torchrun (``WORLD_SIZE`` > 1) or inside an initialised ``torch.distributed`` process
+    group, the run is data-parallel over the ranks (``batch_size`` and ``labeled_bs`` are global,
+    divided evenly); every rank returns the same :class:`Run`, read back after rank 0 wrote it.
+
     Example:
         >>> run = sslseg.fit("mean_teacher", "synthetic:acdc", labeled=7, iterations=2000)  # doctest: +SKIP
     """
@@ -138,26 +221,39 @@ class _Trainer:
     """One training run; :func:`fit` builds it from resolved configs."""
 
     def __init__(self, cls: type[SSLMethod], eng: EngineConfig, mcfg: Any, *, out_dir: str | Path | None, resume: bool) -> None:
-        import sslseg.data
-
         self.cls, self.eng, self.mcfg, self.resume = cls, eng, mcfg, resume
-        self.device = _resolve_device(eng.device)
-        if eng.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("amp='fp16' needs a CUDA device (it uses a GradScaler); use amp='bf16' on CPU")
-        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[eng.amp]
-        _seed_everything(eng.seed)
+        self.dist, self.device = dist.init_distributed(eng.device)
         # Deterministic mode is process-global in torch: remember the caller's setting and
         # restore it when the run ends (run()'s finally), so fit() leaves no global state behind.
         self._prev_deterministic = (torch.are_deterministic_algorithms_enabled(),
                                     torch.is_deterministic_algorithms_warn_only_enabled(),
                                     torch.backends.cudnn.benchmark)
+        self.logger: RunLogger | None = None
+        try:
+            self._setup(out_dir)
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(self, out_dir: str | Path | None) -> None:
+        import sslseg.data
+
+        cls, eng, mcfg, world, rank = self.cls, self.eng, self.mcfg, self.dist.world_size, self.dist.rank
+        if eng.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp='fp16' needs a CUDA device (it uses a GradScaler); use amp='bf16' on CPU")
+        if eng.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise ValueError(f"sync_bn=True needs CUDA devices (torch's SyncBatchNorm has no {self.device.type} "
+                             "kernel); use sync_bn=False on the CPU")
+        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[eng.amp]
+        self.tensorboard = use_tensorboard(eng.tensorboard)
+        _seed_everything(eng.seed)
         if eng.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.dataset = sslseg.data.load(eng.data)
         self.dim = self.dataset.dim
         labeled = _labeled_value(eng.labeled)
-        if resume:
+        if self.resume:
             self.split = sslseg.data.Split.load(Path(out_dir) / "split.json")
         else:
             self.split = self.dataset.split(labeled=labeled, seed=eng.seed, order=eng.split_order,
@@ -173,10 +269,21 @@ class _Trainer:
                                 dim=self.dim, patch_size=self.patch, seed=eng.seed, model_options=dict(eng.model_options))
         self.method = cls(mcfg, self.spec)
         self.method.build()
+        if eng.sync_bn and self.dist.enabled:
+            # In place inside each network (parameters and buffers are reused), before any
+            # optimizer captures them; teachers too, so a train-mode teacher's statistics are global.
+            for group in (self.method.nets, self.method.teachers):
+                for key in list(group.keys()):
+                    group[key] = nn.SyncBatchNorm.convert_sync_batchnorm(group[key])
         for net in self.method.networks().values():
             net.to(self.device)
             if eng.channels_last:
                 net.to(memory_format=torch.channels_last if self.dim == 2 else torch.channels_last_3d)
+        if self.dist.enabled and rank > 0:
+            # Same networks everywhere (built above from the run seed), different dropout and noise.
+            from sslseg.data.samplers import derive_seed
+
+            _seed_everything(derive_seed(eng.seed, _RANK_SEED_KEY, rank))
         params = list(self.method.trainable_parameters())
         self.optimizer = torch.optim.SGD(params, lr=eng.base_lr, momentum=eng.momentum, weight_decay=eng.weight_decay)
         self.extra_optimizers = self.method.extra_optimizers()
@@ -191,11 +298,15 @@ class _Trainer:
             ubs = bs - lbs
             if ubs == 0:
                 raise ValueError(f"method {cls.name!r} needs unlabeled samples: batch_size={bs} leaves none after labeled_bs={lbs}")
+        for name, value in (("batch_size", bs), ("labeled_bs", lbs)):
+            if value % world:
+                raise ValueError(f"{name}={value} must be divisible by the number of processes ({world}): "
+                                 f"each rank takes {name} / {world} samples")
         self.labeled_bs, self.unlabeled_bs = lbs, ubs
         self.loader = sslseg.data.make_train_loader(
-            self.dataset, self.split, patch_size=self.patch, labeled_bs=lbs, unlabeled_bs=ubs, seed=eng.seed,
-            num_workers=eng.num_workers, strong_aug=cls.strong_aug, strong_views=cls.strong_views,
-            pin_memory=self.device.type == "cuda",
+            self.dataset, self.split, patch_size=self.patch, labeled_bs=lbs // world, unlabeled_bs=ubs // world,
+            seed=eng.seed, num_workers=eng.num_workers, strong_aug=cls.strong_aug, strong_views=cls.strong_views,
+            pin_memory=self.device.type == "cuda", distributed=(world, rank) if self.dist.enabled else False,
         )
         self.rampup_length = float(eng.consistency_rampup if eng.consistency_rampup is not None else eng.iterations)
         self.consistency = eng.consistency if eng.consistency is not None else getattr(mcfg, "consistency", 0.1)
@@ -203,11 +314,27 @@ class _Trainer:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             tag = "".join(ch if ch.isalnum() else "_" for ch in str(eng.data).replace("synthetic:", ""))
             out_dir = Path("runs") / f"{cls.name}-{tag}-l{eng.labeled:g}-s{eng.seed}-{stamp}"
-        self.dir = Path(out_dir)
+        # Rank 0's name: the ranks' clocks may straddle a second.
+        self.dir = Path(dist.broadcast_object(str(out_dir)))
         self.history: list[dict[str, Any]] = []
         self.validations: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.start_step = 0
+        self._overlay_volume: Any = None  # the validation volume shown in TensorBoard, read once
+        self.ddp = _wrap_ddp(self.method, self.device) if self.dist.enabled else None
+        # Each rank updates BatchNorm statistics from its shard (students in the step, train-mode
+        # teachers too): averaged after every step, they stay identical across ranks.
+        buffers = {id(b): b for net in self.method.networks().values() for b in net.buffers() if b.is_floating_point()}
+        self.sync_buffers = list(buffers.values()) if self.dist.enabled else []
+
+    def _release(self) -> None:
+        """Undo what the run changed in the process: logger, determinism flags, process group."""
+        if self.logger is not None:
+            self.logger.close()
+        enabled, warn_only, benchmark = self._prev_deterministic
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        dist.cleanup(self.dist)
 
     # ---- helpers given to methods through StepContext ----------------------------------------------
 
@@ -228,7 +355,9 @@ class _Trainer:
     # ---- state ------------------------------------------------------------------------------------------
 
     def _state(self, next_step: int) -> dict[str, Any]:
-        return {
+        """The training state; a collective under DDP (every rank's RNG and method state are gathered)."""
+        rng, method_state = capture_rng(), self.method.extra_state()
+        state = {
             "format": "sslseg-train-state/1",
             "method": self.cls.name,
             "step": next_step,
@@ -236,13 +365,19 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "extra_optimizers": {k: v.state_dict() for k, v in self.extra_optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "method_state": self.method.extra_state(),
-            "rng": capture_rng(),
+            "method_state": method_state,
+            "rng": rng,
             "split": self.split.to_dict(),
             "history": json.dumps(self.history),
             "validations": json.dumps(self.validations),
             "best": json.dumps(self.best),
         }
+        if self.dist.enabled:
+            # Ranks draw different noise and augmentations: resuming exactly needs each one's state.
+            state["world_size"] = self.dist.world_size
+            state["rng_ranks"] = dist.all_gather_object(_to_cpu(rng))
+            state["method_state_ranks"] = dist.all_gather_object(_to_cpu(method_state))
+        return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         nets = self.method.networks()
@@ -256,12 +391,22 @@ class _Trainer:
             opt.load_state_dict(state["extra_optimizers"][k])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.method.load_extra_state(state["method_state"])
+        rank, world = self.dist.rank, self.dist.world_size
+        # The same world size resumes every rank exactly; another one keeps rank 0's state for
+        # every rank and reseeds the others' RNGs from (seed, rank, step).
+        same_world = state.get("world_size", 1) == world
+        method_states = state.get("method_state_ranks") if same_world else None
+        self.method.load_extra_state(method_states[rank] if method_states else state["method_state"])
         self.history = json.loads(state["history"])
         self.validations = json.loads(state["validations"])
         self.best = json.loads(state["best"])
         self.start_step = int(state["step"])
-        restore_rng(state["rng"])
+        rngs = state.get("rng_ranks") if same_world else None
+        restore_rng(rngs[rank] if rngs else state["rng"])
+        if rank > 0 and not rngs:
+            from sslseg.data.samplers import derive_seed
+
+            _seed_everything(derive_seed(self.eng.seed, _RANK_SEED_KEY, rank, self.start_step))
 
     def _model_record(self) -> dict[str, Any]:
         """What ``best_val.pt`` needs to rebuild the eval network anywhere (inference, export)."""
@@ -274,6 +419,8 @@ class _Trainer:
         }
 
     def _write_config(self) -> None:
+        if not self.dist.is_main:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         resolved = {"method_name": self.cls.name, "engine": config_to_dict(self.eng), "method": config_to_dict(self.mcfg)}
         resolved["engine"]["patch_size"] = list(self.patch)
@@ -288,52 +435,66 @@ class _Trainer:
         try:
             return self._run()
         finally:
-            enabled, warn_only, benchmark = self._prev_deterministic
-            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-            torch.backends.cudnn.benchmark = benchmark
+            self._release()
+
+    def _context(self, step: int, ramp: float) -> StepContext:
+        return StepContext(
+            step=step, iterations=self.eng.iterations,
+            consistency_weight=consistency_weight(step, self.consistency, self.rampup_length), rampup=ramp,
+            device=self.device, autocast=self._autocast, backward=self._backward, optimizer_step=self._optimizer_step,
+            rank=self.dist.rank, world_size=self.dist.world_size, all_reduce_mean=dist.all_reduce_mean,
+            all_reduce_gradients=dist.all_reduce_gradients, all_gather_object=dist.all_gather_object,
+        )
 
     def _run(self) -> Run:
         eng = self.eng
         if self.resume:
             self._load_state(load_checkpoint(self.dir / _LAST, map_location=self.device))
+            if self.dist.is_main and self.best is not None and self.best["step"] == self.start_step:
+                # The checkpoint's own validation was the best: a run killed between writing
+                # last.pt and best_val.pt left the latter missing or one validation old.
+                self._save_best()
         self._write_config()
+        self.logger = RunLogger(self.dir, enabled=self.dist.is_main, tensorboard=self.tensorboard,
+                                purge_step=self.start_step + 1 if self.resume else None,
+                                class_names=self.dataset.class_names or ())
+        self.logger.start(self.history)
         val_volumes = list(self.split.val_cases)[: eng.val_cases] if eng.val_cases else list(self.split.val_cases)
         batches = self.loader.forever(start_step=self.start_step)
         sums: dict[str, Tensor] = {}
         count = 0
         t_window = time.perf_counter()
         bar = None
-        if eng.progress:
+        if eng.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             # disable=None: a bar on a terminal, nothing in logs (history.jsonl has the values).
+            # tqdm itself shows it/s and the ETA; the postfix adds loss, lr and lambda(t).
             bar = tqdm(total=eng.iterations, initial=self.start_step, desc=self.cls.name, dynamic_ncols=True,
                        leave=False, disable=None)
-        log_path = self.dir / "history.jsonl"
-        # The checkpoint's history is the truth: rows logged after it by a killed run are dropped.
-        log_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         for step in range(self.start_step, eng.iterations):
             lr = poly_lr(eng.base_lr, step, eng.iterations, eng.poly_power)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            ramp = sigmoid_rampup(step, self.rampup_length)
-            ctx = StepContext(
-                step=step, iterations=eng.iterations, consistency_weight=consistency_weight(step, self.consistency, self.rampup_length),
-                rampup=ramp, device=self.device, autocast=self._autocast, backward=self._backward,
-                optimizer_step=self._optimizer_step,
-            )
+            ctx = self._context(step, sigmoid_rampup(step, self.rampup_length))
             batch = next(batches).to(self.device, non_blocking=True)
             self.method.train()
-            with self._autocast():
-                out = self.method.step(batch, ctx)
+            with self._autocast(), dist.global_batch_statistics(self.dist.enabled):
+                if self.ddp is not None:
+                    loss, logs = self.ddp(batch, ctx)
+                else:
+                    out = self.method.step(batch, ctx)
+                    loss, logs = out.loss, out.logs
             self.optimizer.zero_grad(set_to_none=True)
-            self._backward(out.loss)
+            self._backward(loss)
             self._optimizer_step(self.optimizer)
             if self.scaler is not None:
                 self.scaler.update()
             self.method.after_step(ctx)
+            if self.sync_buffers:
+                dist.average_tensors(self.sync_buffers)
             # Accumulate on device; synced once per log window.
-            logged = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.logs.items()}}
+            logged = {"loss": loss.detach(), **{k: v.detach() for k, v in logs.items()}}
             for k, v in logged.items():
                 v = v.float().reshape(())
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -341,65 +502,83 @@ class _Trainer:
             last_step = step + 1 == eng.iterations
             if (step + 1) % eng.log_every == 0 or last_step:
                 keys = list(sums)
-                values = torch.stack([sums[k] for k in keys]).div_(count).tolist()  # the one host sync
+                window = dist.all_reduce_mean(torch.stack([sums[k] for k in keys]).div_(count))  # mean over ranks
+                values = window.tolist()  # the one host sync
                 row = {"step": step + 1, "lr": lr, "consistency_weight": ctx.consistency_weight,
                        **dict(zip(keys, values)),
                        "it_per_s": count / max(time.perf_counter() - t_window, 1e-9)}
                 if not all(math.isfinite(v) for v in values):
                     raise FloatingPointError(f"{self.cls.name}: non-finite loss at step {step + 1}: {row}")
                 self.history.append(row)
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                self.logger.log_train(row)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", lam=f"{ctx.consistency_weight:.3f}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", lam=f"{ctx.consistency_weight:.3f}",
+                                    refresh=False)
                 sums, count, t_window = {}, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if (step + 1) % eng.val_every == 0 or last_step:
+            validating = (step + 1) % eng.val_every == 0 or last_step
+            if validating:
                 self._validate_and_checkpoint(step + 1, val_volumes)
+            if (validating if eng.image_every is None else (step + 1) % eng.image_every == 0):
+                self._log_overlay(step + 1, val_volumes)
         if bar is not None:
             bar.close()
         return self._finish()
 
     def _validate_and_checkpoint(self, next_step: int, val_cases: Sequence[str]) -> None:
-        result = validate(self.method.eval_model(), self.dataset.iter_volumes(val_cases), dim=self.dim,
-                          patch_size=self.patch, num_classes=self.dataset.num_classes, device=self.device,
-                          autocast_dtype=self.amp_dtype)
+        # Each rank validates its share of the cases; the merge is exact and identical on every
+        # rank, so all ranks take the same best_val decision.
+        shard = list(val_cases)[self.dist.rank :: self.dist.world_size]
+        local = None
+        if shard:
+            local = validate(self.method.eval_model(), self.dataset.iter_volumes(shard), dim=self.dim,
+                             patch_size=self.patch, num_classes=self.dataset.num_classes, device=self.device,
+                             autocast_dtype=self.amp_dtype)
+        result = combine_validation(dist.all_gather_object(local))
         result["step"] = next_step
         self.validations.append(result)
+        self.logger.log_validation(result, next_step)
         improved = self.best is None or result["dice"] > self.best["dice"]
         if improved:
             self.best = dict(result)
-        # last.pt first: if the run dies between the two writes, best_val.pt is at worst one validation old.
-        save_checkpoint(self._state(next_step), self.dir / _LAST)
+        state = self._state(next_step)  # every rank: gathers per-rank RNG states under DDP
+        if not self.dist.is_main:
+            return
+        # last.pt first: if the run dies between the two writes, the resume rewrites best_val.pt.
+        save_checkpoint(state, self.dir / _LAST)
         if improved:
-            save_checkpoint({"format": MODEL_FORMAT, "step": next_step, "metrics": json.dumps(result),
-                             "record": json.dumps(self._model_record()),
-                             "state_dict": self.method.eval_model().state_dict()}, self.dir / _BEST)
+            self._save_best()
+
+    def _save_best(self) -> None:
+        """``best_val.pt``: the eval network now, which holds the weights of ``self.best``."""
+        self._save_model(self.best, MODEL_FILES["best_val"])
+
+    def _save_model(self, metrics: dict[str, Any], name: str) -> None:
+        """A model file (``sslseg.engine.load_model``): the eval network's weights and its record."""
+        save_checkpoint({"format": MODEL_FORMAT, "step": metrics["step"], "metrics": json.dumps(metrics),
+                         "record": json.dumps(self._model_record()),
+                         "state_dict": self.method.eval_model().state_dict()}, self.dir / name)
+
+    def _log_overlay(self, step: int, val_cases: Sequence[str]) -> None:
+        """TensorBoard image of the first validation case's middle slice (rank 0, no collectives)."""
+        if self.logger is None or self.logger.writer is None or not val_cases:
+            return
+        if self._overlay_volume is None:
+            self._overlay_volume = next(iter(self.dataset.iter_volumes(val_cases[:1])))
+        image, label, pred = middle_slice_prediction(self.method.eval_model(), self._overlay_volume, dim=self.dim,
+                                                     patch_size=self.patch, autocast_dtype=self.amp_dtype)
+        self.logger.log_overlay(step, image, label, pred)
 
     def _finish(self) -> Run:
-        metrics = {"best_val": self.best, "last": self.validations[-1] if self.validations else None}
-        tmp = self.dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(self.dir / "metrics.json")
-        _plot_progress(self.dir, self.history, self.validations)
+        if self.dist.is_main:
+            metrics = {"best_val": self.best, "last": self.validations[-1] if self.validations else None}
+            tmp = self.dir / ".metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            tmp.replace(self.dir / "metrics.json")
+            if self.validations:  # the final weights, for evaluating `last` as well as `best_val`
+                self._save_model(self.validations[-1], MODEL_FILES["last"])
+            plot_progress(self.dir, self.history, self.validations)
+            self.logger.close()
+        dist.barrier()  # the other ranks read what rank 0 wrote
         return Run.load(self.dir, device=self.device)
-
-
-def _plot_progress(out: Path, history: list[dict], validations: list[dict]) -> None:
-    """``progress.png``: training loss and validation Dice (skipped if matplotlib is absent)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax[0].set(xlabel="step", ylabel="training loss", yscale="log")
-    ax[1].plot([v["step"] for v in validations], [v["dice"] for v in validations], marker="o")
-    ax[1].set(xlabel="step", ylabel="validation Dice (foreground mean)")
-    fig.tight_layout()
-    fig.savefig(out / "progress.png", dpi=100)
-    plt.close(fig)

@@ -13,5 +13,6 @@ from sslseg.inference.sliding import (
     window_grid,
 )
 from sslseg.inference.slicewise import predict_slicewise
+from sslseg.inference.predict import predict_volume
 
-__all__ = ["SlidingWindowGrid", "clear_cache", "importance_map", "predict_slicewise", "sliding_window", "window_grid"]
+__all__ = ["SlidingWindowGrid", "clear_cache", "importance_map", "predict_slicewise", "predict_volume", "sliding_window", "window_grid"]

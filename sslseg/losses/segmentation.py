@@ -42,6 +42,9 @@ def dice_loss(probs: Tensor, target: Tensor, *, squared: bool = True, smooth: fl
         squared: Square the denominators.
         smooth: Added to numerator and denominator.
         ignore_index: Voxels with this label count for no class.
+
+    Under DDP (inside the engine's training step) the sums cover the global batch: see
+    :func:`sslseg.engine.distributed.global_batch_sum`.
     """
     valid = None
     if target.dim() == probs.dim() and target.is_floating_point():
@@ -55,9 +58,14 @@ def dice_loss(probs: Tensor, target: Tensor, *, squared: bool = True, smooth: fl
         onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     p = probs if valid is None else probs * valid
     g = onehot if valid is None else onehot * valid
+    from sslseg.engine.distributed import global_batch_sum  # lazy: sslseg.engine imports the methods, which import this
+
     dims = [0, *range(2, probs.dim())]
     inter = (p * g).sum(dims)
     denom = (p * p).sum(dims) + (g * g).sum(dims) if squared else p.sum(dims) + g.sum(dims)
+    # The sums run over the whole batch: in a DDP training step they are summed over the ranks
+    # (differentiably), so the loss is that of the global batch, not of each rank's shard.
+    inter, denom = global_batch_sum(torch.stack([inter, denom])).unbind(0)
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
 
 

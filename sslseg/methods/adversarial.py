@@ -50,7 +50,9 @@ class AdversarialNetwork(SSLMethod):
            p = softmax(S(x)) for the whole batch
            L_D = CE(D(p, x), [1] * B_l + [0] * B_u)
 
-       then one Adam step on D (through the run's gradient scaler, if any).
+       then one Adam step on D (through the run's gradient scaler, if any). Under DDP, D's
+       gradients are averaged over the ranks first (``ctx.all_reduce_gradients``): D is outside
+       the engine's DDP step, and without it each rank's D would drift on its own shard.
 
     Differences from SSL4MIS (``train_adversarial_network_{2D,3D}.py``):
       * the targets are built from the batch's labeled and unlabeled counts, so any ``B_u`` works;
@@ -132,6 +134,7 @@ class AdversarialNetwork(SSLMethod):
             loss_d = F.cross_entropy(logits_d.float(), discriminator_targets(x_l.shape[0], x_u.shape[0], x.device))
             opt.zero_grad(set_to_none=True)  # also drops the gradients the segmenter step left on D
             ctx.backward(loss_d)
+            ctx.all_reduce_gradients(disc.parameters())  # DDP: D learns from the whole batch, stays identical
             ctx.optimizer_step(opt)
         finally:
             student.train(student_was_training)

@@ -11,6 +11,11 @@ what one step computes:
 * ``after_step(ctx)`` acts after the optimizer step (EMA updates, a discriminator's own step);
 * ``eval_model()`` names the network that is validated, checkpointed as ``best_val`` and exported.
 
+Methods need not know about distributed training: under torchrun the engine runs ``step`` inside
+one ``DistributedDataParallel`` wrapper over ``self.nets`` (so a network may be called several
+times, or through ``forward_all``), keeps teachers local and identical across ranks, and offers
+``ctx.all_reduce_mean`` etc. for the few batch statistics that must be global.
+
 Batches are :class:`sslseg.data.Batch` objects with named fields (``labeled_image``,
 ``labeled_label``, ``unlabeled_image``, strong views): no ``x[:labeled_bs]`` slicing anywhere.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -98,6 +103,16 @@ class StepContext:
         autocast: Context manager factory for the run's mixed precision (use around forwards).
         backward: ``backward(loss)``: backpropagates with the run's gradient scaler, if any.
         optimizer_step: ``optimizer_step(opt)``: steps an optimizer with the run's scaler, if any.
+        rank / world_size: This process's place in a distributed (DDP) run; 0 and 1 otherwise.
+        all_reduce_mean: ``all_reduce_mean(t)``: the mean of ``t`` over the ranks (differentiable;
+            the identity in one process). For a batch statistic that must be global, such as the
+            normaliser of a ratio loss (UA-MT's mask count, URPC's mean weight): each rank holds
+            a shard of the batch, so its local value differs from the whole batch's.
+        all_reduce_gradients: ``all_reduce_gradients(params)``: averages ``.grad`` over the ranks
+            (no-op in one process); for networks a method steps with its own optimizer outside
+            the engine's step (the adversarial discriminator).
+        all_gather_object: ``all_gather_object(obj) -> [obj of each rank]`` (``[obj]`` in one
+            process), for method state that every rank must update identically (CTAugment rates).
     """
 
     step: int
@@ -108,6 +123,11 @@ class StepContext:
     autocast: Callable[[], AbstractContextManager]
     backward: Callable[[Tensor], None]
     optimizer_step: Callable[[torch.optim.Optimizer], None]
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_mean: Callable[[Tensor], Tensor] = field(default=lambda t: t)
+    all_reduce_gradients: Callable[[Iterable[nn.Parameter]], None] = field(default=lambda params: None)
+    all_gather_object: Callable[[Any], list[Any]] = field(default=lambda obj: [obj])
 
 
 _METHODS: dict[str, type[SSLMethod]] = {}
@@ -223,7 +243,12 @@ class SSLMethod:
         return (p for p in self.nets.parameters() if p.requires_grad)
 
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Optimizers the method steps itself (e.g. a discriminator's); checkpointed by the engine."""
+        """Optimizers the method steps itself (e.g. a discriminator's); checkpointed by the engine.
+
+        Under DDP the engine synchronises the gradients of :meth:`trainable_parameters` only; a
+        method stepping another network's optimizer averages its gradients first with
+        ``ctx.all_reduce_gradients(params)``.
+        """
         return {}
 
     def eval_model(self) -> nn.Module:

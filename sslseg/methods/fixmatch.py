@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -97,6 +98,10 @@ class FixMatch(SSLMethod):
         ``CE + Dice`` and ``0.1 x`` ramp-up (``consistency=0.1, rampup=True, ema_teacher=True,
         threshold=0`` is SSL4MIS-CTA's loss, up to the factor 0.5);
       * SSL4MIS-standard's "complementary" negative-learning loss is not implemented.
+
+    Distributed (DDP): each rank draws its own strong views; CTAugment's rewards are gathered from
+    every rank (``ctx.all_gather_object``) before they update the rates, which therefore stay
+    identical across ranks and learn from the whole batch.
     """
 
     @dataclass
@@ -137,7 +142,11 @@ class FixMatch(SSLMethod):
         self.nets["student"] = self.create_network()
         if cfg.ema_teacher:
             self.teachers["teacher"] = self.make_teacher(self.nets["student"])
-        self.generator = torch.Generator().manual_seed(derive_seed(self.spec.seed, 0xF1C5))
+        from sslseg.engine.distributed import get_rank
+
+        # Under DDP each rank draws its own strong views (rank 0 keeps the single-process stream).
+        rank = get_rank()
+        self.generator = torch.Generator().manual_seed(derive_seed(self.spec.seed, 0xF1C5, *((rank,) if rank else ())))
         self.cta = CTAugment(cfg.cta_depth, cfg.cta_threshold, cfg.cta_decay) if cfg.policy == "ctaugment" else None
         self.randaugment = (RandAugment(cfg.ra_num_ops, cfg.ra_magnitude, cutout_size=cfg.cutout)
                             if cfg.policy == "randaugment" else None)
@@ -189,14 +198,22 @@ class FixMatch(SSLMethod):
                 probs = torch.softmax(net(torch.stack(views)).float(), 1)
             self._pending.append((policies, probe_proximity(probs, batch.labeled_label)))
 
-    def flush_cta(self) -> None:
-        """Apply the pending CTAugment rewards (one host sync)."""
-        if not self._pending:
+    def flush_cta(self, gather: Callable[[Any], list[Any]] | None = None) -> None:
+        """Apply the pending CTAugment rewards (one host sync).
+
+        Args:
+            gather: ``ctx.all_gather_object`` under DDP: every rank's rewards are applied, in rank
+                order, on every rank, so the rates stay identical across ranks. Every rank must
+                call it at the same step.
+        """
+        if not self._pending and gather is None:
             return
-        proximities = torch.cat([p for _, p in self._pending]).tolist()
         policies = [pol for pols, _ in self._pending for pol in pols]
-        for pol, prox in zip(policies, proximities):
-            self.cta.update_rates(pol, prox)
+        proximities = torch.cat([p for _, p in self._pending]).tolist() if self._pending else []
+        shards = gather((policies, proximities)) if gather is not None else [(policies, proximities)]
+        for shard_policies, shard_proximities in shards:
+            for pol, prox in zip(shard_policies, shard_proximities):
+                self.cta.update_rates(pol, prox)
         self._pending = []
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -204,7 +221,7 @@ class FixMatch(SSLMethod):
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
         if self.cta is not None and len(self._pending) >= cfg.cta_update_every:
-            self.flush_cta()
+            self.flush_cta(ctx.all_gather_object)
         student = self.nets["student"]
         n_l, n_u = batch.labeled_bs, batch.unlabeled_bs
         x_w = batch.unlabeled_image

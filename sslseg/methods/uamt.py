@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ def uamt_threshold(step: int, iterations: int, num_classes: int, *, start: float
 
 
 def uncertainty_masked_mse(student_probs: Tensor, teacher_probs: Tensor, uncertainty: Tensor, threshold: float,
-                           *, normalizer: float | None = None) -> tuple[Tensor, Tensor]:
+                           *, normalizer: float | None = None,
+                           reduce_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """UA-MT's consistency: the squared difference averaged over the confident voxels.
 
     ``m = [uncertainty < threshold]`` (one value per voxel, broadcast over classes) and
@@ -45,6 +47,9 @@ def uncertainty_masked_mse(student_probs: Tensor, teacher_probs: Tensor, uncerta
         uncertainty: ``(B, 1, *S)`` per-voxel uncertainty (predictive entropy).
         threshold: Voxels with an uncertainty below it count.
         normalizer: Constant multiplying ``sum(m)``; None: ``C``.
+        reduce_mean: Applied to ``sum(m)`` (the engine's ``ctx.all_reduce_mean`` under DDP): the
+            mean of the ranks' counts, so that the average of the ranks' losses is the loss of the
+            whole batch, ``sum over all ranks of m (p_s - p_t)^2 / (C * sum over all ranks of m)``.
 
     Returns:
         ``(loss, mask)``, the mask ``(B, 1, *S)`` as float.
@@ -52,7 +57,8 @@ def uncertainty_masked_mse(student_probs: Tensor, teacher_probs: Tensor, uncerta
     mask = (uncertainty < threshold).to(student_probs.dtype)
     c = student_probs.shape[1] if normalizer is None else normalizer
     dist = (student_probs - teacher_probs).pow(2)
-    return (mask * dist).sum() / (c * mask.sum() + 1e-16), mask
+    count = mask.sum() if reduce_mean is None else reduce_mean(mask.sum())
+    return (mask * dist).sum() / (c * count + 1e-16), mask
 
 
 @register_method("uamt")
@@ -88,6 +94,9 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         batch are the same);
       * as in :class:`~sslseg.methods.mean_teacher.MeanTeacher`, floating buffers are averaged by
         the EMA too (``ema_buffers``).
+
+    Distributed (DDP): the mask count ``sum(m)`` is averaged over the ranks (``ctx.all_reduce_mean``)
+    so that the normalisation is that of the whole batch, not of each rank's shard.
     """
 
     @dataclass
@@ -121,7 +130,8 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         tau = uamt_threshold(ctx.step, ctx.iterations, logits.shape[1], start=cfg.threshold_start,
                              ssl4mis=cfg.ssl4mis_mask)
         loss_cons, mask = uncertainty_masked_mse(torch.softmax(logits[n_l:].float(), 1), target, uncertainty, tau,
-                                                 normalizer=2.0 if cfg.ssl4mis_mask else None)
+                                                 normalizer=2.0 if cfg.ssl4mis_mask else None,
+                                                 reduce_mean=ctx.all_reduce_mean)
         weight = ctx.consistency_weight if ctx.step >= cfg.consistency_start else 0.0
         loss = loss_sup + weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(),

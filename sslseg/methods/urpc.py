@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,8 @@ __all__ = ["UncertaintyRectifiedPyramidConsistency", "urpc_consistency"]
 PYRAMID_NETWORKS = {"unet": "unet_urpc", "unet_3d": "unet_3d_urpc"}
 
 
-def urpc_consistency(logits: Sequence[Tensor], *, detach_mean: bool = False) -> Tensor:
+def urpc_consistency(logits: Sequence[Tensor], *, detach_mean: bool = False,
+                     reduce_mean: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """URPC's uncertainty-rectified consistency over S predictions of the same (unlabeled) images.
 
     With ``p_s = softmax(z_s)`` and ``pbar = (1/S) sum_s p_s``::
@@ -35,6 +36,9 @@ def urpc_consistency(logits: Sequence[Tensor], *, detach_mean: bool = False) -> 
     Args:
         logits: S tensors ``(B, C, *spatial)`` at one resolution.
         detach_mean: Treat ``pbar`` as a constant target.
+        reduce_mean: Applied to the normaliser ``mean(w_s)`` (the engine's differentiable
+            ``ctx.all_reduce_mean`` under DDP), so that each rank divides by the whole batch's
+            mean weight and the ranks' average loss is the whole batch's.
     """
     if len(logits) < 2:
         raise ValueError(f"urpc_consistency: needs at least 2 predictions, got {len(logits)}")
@@ -48,7 +52,8 @@ def urpc_consistency(logits: Sequence[Tensor], *, detach_mean: bool = False) -> 
     for p, lp in zip(probs, log_probs):
         v = (mean_log_mean - mean * lp).sum(1, keepdim=True)
         w = torch.exp(-v)
-        total = total + ((mean - p).pow(2) * w).mean() / (w.mean() + 1e-8) + v.mean()
+        w_mean = w.mean() if reduce_mean is None else reduce_mean(w.mean())
+        total = total + ((mean - p).pow(2) * w).mean() / (w_mean + 1e-8) + v.mean()
     return total / len(logits)
 
 
@@ -97,6 +102,9 @@ class UncertaintyRectifiedPyramidConsistency(SSLMethod):
         papers do not say); ``detach_mean=True`` makes it a constant target;
       * classes and defaults come from the data (SSL4MIS-3D hard-codes 3 classes, the GTV dataset,
         60k iterations, lr 0.1 and a 400-block ramp).
+
+    Distributed (DDP): the normaliser ``mean(w_s)`` is averaged over the ranks, differentiably
+    (``ctx.all_reduce_mean``), so the loss and its gradient are those of the whole batch.
     """
 
     @dataclass
@@ -136,6 +144,7 @@ class UncertaintyRectifiedPyramidConsistency(SSLMethod):
         out = self.nets["student"].forward_all(batch.images())
         preds = [out["logits"], *out["aux"]]
         loss_sup = sum(supervised_loss(z[:n_l], batch.labeled_label) for z in preds) / len(preds)
-        loss_cons = urpc_consistency([z[n_l:] for z in preds], detach_mean=self.config.detach_mean)
+        loss_cons = urpc_consistency([z[n_l:] for z in preds], detach_mean=self.config.detach_mean,
+                                     reduce_mean=ctx.all_reduce_mean)
         loss = loss_sup + ctx.consistency_weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach()})
