@@ -13,6 +13,9 @@ from collections.abc import Sequence
 # Modules with a ``register_cli(subparsers)`` function, in the order of ``sslseg --help``.
 _CLI_MODULES = (
     "sslseg.data.cli",
+    "sslseg.inference.files",
+    "sslseg.exporter",
+    "sslseg.evaluation",
 )
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import sslseg
+
 
 # A broken or missing build must fail the tests, not hide behind the reference fallbacks.
 os.environ.setdefault("SSLSEG_REQUIRE_OPS", "1")
@@ -40,3 +42,22 @@ def _restore_rng_state():
         torch.cuda.set_rng_state_all(cuda_states)
     np.random.set_state(np_state)
     random.setstate(py_state)
+
+
+# Tiny training runs shared by the inference, export and deployment-kit tests.
+ENGINE_2D = dict(batch_size=4, labeled_bs=2, val_every=2, log_every=1, patch_size=[32, 32], progress=False,
+                 model_options=dict(channels=[4, 8], dropout=[0.0, 0.0]))
+ENGINE_3D = dict(batch_size=2, labeled_bs=1, val_every=2, log_every=1, patch_size=[16, 16, 16], progress=False,
+                 model_options=dict(channels=[4, 8]))
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[int, sslseg.Run]:
+    """Two tiny finished runs (2D and 3D, narrow networks) for inference and export tests."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        2: sslseg.fit("supervised", "synthetic:acdc?cases=6&slices=2&size=32", labeled=2, iterations=2,
+                      out_dir=root / "r2", engine_options=ENGINE_2D),
+        3: sslseg.fit("supervised", "synthetic:la?cases=4&size=32", labeled=2, iterations=2, out_dir=root / "r3",
+                      engine_options=ENGINE_3D),
+    }

@@ -20,7 +20,8 @@ LAYOUTS = ("acdc", "brats", "la", "nifti")
 
 _SLICE_RE = re.compile(r"^(?P<vol>.+)_slice_(?P<k>\d+)$")
 _FRAME_RE = re.compile(r"^(?P<case>.+?)_frame\d+$")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+#: nnU-Net channel files: ``<case>_<4-digit channel>`` (``case_0000.nii.gz``).
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _NIFTI_EXT = (".nii.gz", ".nii")
 
 # Facts of the SSL4MIS datasets (used when num_classes is not given).
@@ -248,7 +249,7 @@ def _group_channels(images: dict[str, Path], labels: dict[str, Path], folder: Pa
     """Map case id -> channel files; nnU-Net names channels ``<case>_0000``, MSD uses one 4D file."""
     groups: dict[str, dict[int, Path]] = {}
     for stem, path in images.items():
-        m = _CHANNEL_RE.match(stem)
+        m = CHANNEL_RE.match(stem)
         if m is not None and (m.group("case") in labels or stem not in labels):
             groups.setdefault(m.group("case"), {})[int(m.group("ch"))] = path
         else:

@@ -253,6 +253,46 @@ def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     return out
 
 
+def open_nifti(path: Path):
+    """The nibabel image of a ``.nii``/``.nii.gz`` file (voxels not read yet).
+
+    Raises:
+        DataError: naming the file when it is missing, empty or not a readable NIfTI file.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise DataError(f"{path}: unreadable NIfTI file ({exc})") from None
+
+
+def nifti_to_zyx(data: np.ndarray) -> np.ndarray:
+    """nibabel ``(x, y[, z[, c]])`` -> ``(c, z, y, x)`` (the module's array order; a view)."""
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim == 3:
+        return data.transpose(2, 1, 0)[None]
+    if data.ndim == 4:
+        return data.transpose(3, 2, 1, 0)
+    raise DataError(f"expected a 2D, 3D or 4D NIfTI array, got {data.ndim}D {data.shape}")
+
+
+def zyx_to_nifti(array: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`nifti_to_zyx` for one map: ``(z, y, x)`` or ``(c, z, y, x)`` -> nibabel
+    ``(*spatial_shape[, c])``, where ``spatial_shape`` is the source file's ``(x, y[, z])``."""
+    if array.ndim == 3:
+        return array.transpose(2, 1, 0).reshape(tuple(spatial_shape))
+    if array.ndim == 4:
+        return array.transpose(3, 2, 1, 0).reshape((*spatial_shape, array.shape[0]))
+    raise DataError(f"expected a (z, y, x) or (c, z, y, x) array, got shape {array.shape}")
+
+
 @dataclass
 class NiftiVolume(VolumeRecord):
     """A NIfTI case: one file per channel (nnU-Net ``_0000`` suffixes) or one 4D file (MSD).
@@ -272,16 +312,7 @@ class NiftiVolume(VolumeRecord):
         return str(self.image_paths[0])
 
     def _header(self, path: Path):
-        import nibabel as nib
-
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: file is empty (0 bytes)")
-        try:
-            return nib.load(str(path))
-        except Exception as exc:  # nibabel raises several types for corrupt files
-            raise DataError(f"{path}: unreadable NIfTI file ({exc})") from None
+        return open_nifti(path)
 
     def shape(self) -> tuple[int, ...]:
         shp = self._header(self.image_paths[0]).shape
@@ -295,16 +326,7 @@ class NiftiVolume(VolumeRecord):
     def affine(self) -> np.ndarray | None:
         return np.asarray(self._header(self.image_paths[0]).affine, dtype=np.float64) @ _REVERSE
 
-    @staticmethod
-    def _to_zyx(data: np.ndarray) -> np.ndarray:
-        """nibabel ``(x, y, z[, c])`` -> ``(c, z, y, x)``."""
-        if data.ndim == 2:
-            data = data[:, :, None]
-        if data.ndim == 3:
-            return data.transpose(2, 1, 0)[None]
-        if data.ndim == 4:
-            return data.transpose(3, 2, 1, 0)
-        raise DataError(f"expected a 2D, 3D or 4D NIfTI array, got {data.ndim}D {data.shape}")
+    _to_zyx = staticmethod(nifti_to_zyx)
 
     def read(self, with_label: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         key = (tuple(str(p) for p in self.image_paths), self.intensity, with_label)

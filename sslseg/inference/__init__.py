@@ -14,5 +14,6 @@ from sslseg.inference.sliding import (
 )
 from sslseg.inference.slicewise import predict_slicewise
 from sslseg.inference.predict import predict_volume
+from sslseg.inference.files import infer
 
-__all__ = ["SlidingWindowGrid", "clear_cache", "importance_map", "predict_slicewise", "predict_volume", "sliding_window", "window_grid"]
+__all__ = ["SlidingWindowGrid", "clear_cache", "importance_map", "infer", "predict_slicewise", "predict_volume", "sliding_window", "window_grid"]
