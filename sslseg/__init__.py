@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "models", "data", "losses", "metrics", "inference", "methods", "engine")
+_SUBMODULES = ("ops", "models", "data", "losses", "metrics", "inference", "methods", "engine", "sweep", "report")
 # Public functions, by the module that defines them (imported on first use).
 _FUNCTIONS = {
     "fit": "sslseg.engine",

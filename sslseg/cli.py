@@ -16,6 +16,8 @@ _CLI_MODULES = (
     "sslseg.inference.files",
     "sslseg.exporter",
     "sslseg.evaluation",
+    "sslseg.sweep",
+    "sslseg.report",
 )
 
 
