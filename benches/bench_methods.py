@@ -40,8 +40,8 @@ numbers are not comparable with published ACDC/LA results.
 
 Outputs: ``benches/results/methods/`` (the sweep: one run directory per cell, ``sweep.json``,
 ``report.md``, ``report.csv``, ``dice_vs_labeled.png``, ``overlays_*.png``), and
-``benches/results/methods.md`` + ``methods.json`` (the table for the README with this protocol,
-the schedule and the command). Re-running continues an interrupted table (finished runs are
+``benches/results/methods.md`` + ``methods.json`` + ``methods_dice_vs_labeled.png`` (the table
+and plot for the README with this protocol, the schedule and the command). Re-running continues an interrupted table (finished runs are
 skipped, killed runs resume); ``--report-only`` rebuilds the table from what has finished.
 
 Usage: python benches/bench_methods.py [--smoke] [--jobs N] [--scale F] [--device cpu|cuda] [--out DIR]
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -157,8 +158,10 @@ def main() -> int:
     meta = metadata(args.device)
     train_min = sum(r["train_seconds"] for r in result.runs) / 60
     out_dir = RESULTS if root.resolve().is_relative_to(RESULTS) else root.parent
-    plot = next((p.resolve().relative_to(out_dir.resolve()) for p in result.files if p.name == "dice_vs_labeled.png"),
-                None)
+    # The sweep directory stays out of git; the plot the README shows is copied next to the table.
+    plot = next((p for p in result.files if p.name == "dice_vs_labeled.png"), None)
+    if plot is not None:
+        plot = Path(shutil.copyfile(plot, out_dir / f"{name}_dice_vs_labeled.png")).name
     lines = [
         f"## Benchmark table{' (smoke test)' if args.smoke else ''}",
         "",
