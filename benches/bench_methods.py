@@ -41,8 +41,9 @@ numbers are not comparable with published ACDC/LA results.
 Outputs: ``benches/results/methods/`` (the sweep: one run directory per cell, ``sweep.json``,
 ``report.md``, ``report.csv``, ``dice_vs_labeled.png``, ``overlays_*.png``), and
 ``benches/results/methods.md`` + ``methods.json`` + ``methods_dice_vs_labeled.png`` (the table
-and plot for the README with this protocol, the schedule and the command). Re-running continues an interrupted table (finished runs are
-skipped, killed runs resume); ``--report-only`` rebuilds the table from what has finished.
+and plot for the README with this protocol, the schedule and the command). Re-running continues an
+interrupted table (finished runs are skipped, killed runs resume); ``--report-only`` rebuilds the
+table from what has finished.
 
 Usage: python benches/bench_methods.py [--smoke] [--jobs N] [--scale F] [--device cpu|cuda] [--out DIR]
                                      [--report-only]
@@ -159,9 +160,11 @@ def main() -> int:
     train_min = sum(r["train_seconds"] for r in result.runs) / 60
     out_dir = RESULTS if root.resolve().is_relative_to(RESULTS) else root.parent
     # The sweep directory stays out of git; the plot the README shows is copied next to the table.
-    plot = next((p for p in result.files if p.name == "dice_vs_labeled.png"), None)
-    if plot is not None:
-        plot = Path(shutil.copyfile(plot, out_dir / f"{name}_dice_vs_labeled.png")).name
+    sweep_plot = next((p for p in result.files if p.name == "dice_vs_labeled.png"), None)
+    plot = None
+    if sweep_plot is not None:
+        plot = f"{name}_dice_vs_labeled.png"
+        shutil.copyfile(sweep_plot, out_dir / plot)
     lines = [
         f"## Benchmark table{' (smoke test)' if args.smoke else ''}",
         "",
