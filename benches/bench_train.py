@@ -26,8 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import metadata, write_json  # noqa: E402
 
-from sslseg.engine.config import EngineConfig  # noqa: E402
-from sslseg.engine.loop import _Trainer  # noqa: E402
+from sslseg.engine import EngineConfig, Trainer  # noqa: E402
 from sslseg.methods import get_method, list_methods  # noqa: E402
 from sslseg.methods.mean_teacher import teacher_noise  # noqa: E402
 
@@ -44,7 +43,7 @@ def _engine(dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path
 def bench_method(name: str, dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path) -> float:
     """Iterations/s of sslseg's loop over ``steps`` steps after ``steps`` warm-up steps."""
     cls = get_method(name)
-    trainer = _Trainer(cls, _engine(dim, patch, batch, steps, device, tmp, name), cls.Config(), out_dir=tmp / f"{name}{dim}", resume=False)
+    trainer = Trainer(cls, _engine(dim, patch, batch, steps, device, tmp, name), out_dir=tmp / f"{name}{dim}")
     run = trainer.run()
     return run.history[-1]["it_per_s"]
 
@@ -65,8 +64,7 @@ def _ssl4mis_dice(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def bench_ssl4mis_mean_teacher(dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path) -> float:
     """The same Mean Teacher step, the SSL4MIS way; iterations/s after ``steps`` warm-up steps."""
     cls = get_method("mean_teacher")
-    trainer = _Trainer(cls, _engine(dim, patch, batch, steps, device, tmp, "ssl4mis"), cls.Config(),
-                       out_dir=tmp / f"ssl4mis{dim}", resume=False)
+    trainer = Trainer(cls, _engine(dim, patch, batch, steps, device, tmp, "ssl4mis"), out_dir=tmp / f"ssl4mis{dim}")
     student, teacher = trainer.method.nets["student"], trainer.method.teachers["teacher"]
     opt = trainer.optimizer
     batches = trainer.loader.forever()

@@ -1,5 +1,5 @@
 """``python -m sslseg``: the same command line as the ``sslseg`` script."""
 
-from sslseg.cli import main
+from sslseg.app.cli import main
 
 raise SystemExit(main())

@@ -21,6 +21,12 @@
 // files; --label-dtype overrides); PROBS.npy (K, D, H, W) float32. A `--pipeline` export (raw volume
 // -> labels in one module) is run as it is. Exit status: 0 on success, 2 for bad arguments or input
 // (one line on stderr), 1 if the model itself fails.
+//
+// Models trained with a plan (metadata "plan", a NIfTI folder preprocessed by sslseg: crop to
+// nonzero, per-channel normalisation, resampling to a target spacing) run only as `--pipeline`
+// exports, whose module contains the plan's crop and normalisation: give --spacing D,H,W, which
+// must equal the plan's target spacing (checked here and in the module; neither resamples). A
+// network-only export of such a model is refused with an error saying so.
 #include "mini_json.h"
 #include "npy.h"
 #include "ops/sliding_window.h"  // sslseg::sw_gather_cpu, sslseg::sw_accumulate_cpu (csrc/)
@@ -65,13 +71,36 @@ const char* kUsage =
     "  --probabilities P    also write the class probabilities (K, D, H, W) float32\n"
     "  --label-dtype T      auto (default: uint8 up to 256 classes, else int64, as `sslseg infer` writes\n"
     "                       .npy files), uint8 or int64\n"
+    "  --spacing D,H,W      voxel spacing in mm; required for models trained with a plan (pipeline exports),\n"
+    "                       and it must be the plan's target spacing (no resampling here)\n"
     "  --threads N          intra-op threads (default: libtorch's choice)\n";
 
 struct Args {
   std::string model, input, raw, out, probs, label_dtype = "auto";
   std::vector<int64_t> shape;
+  std::vector<double> spacing;  // empty: not given
   int threads = 0;
 };
+
+std::vector<double> parse_spacing(const std::string& text) {
+  std::vector<double> v;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      const double x = std::stod(item, &used);
+      if (used != item.size() || !(x > 0)) throw std::invalid_argument("");
+      v.push_back(x);
+    } catch (const std::exception&) {
+      throw UsageError("--spacing must be three comma-separated positive numbers D,H,W in mm, got '" + text + "'");
+    }
+  }
+  if (v.size() != 3) {
+    throw UsageError("--spacing must be three comma-separated positive numbers D,H,W in mm, got '" + text + "'");
+  }
+  return v;
+}
 
 std::vector<int64_t> parse_ints(const std::string& text, const std::string& what) {
   std::vector<int64_t> v;
@@ -115,6 +144,8 @@ Args parse_args(int argc, char** argv) {
       if (a.label_dtype != "auto" && a.label_dtype != "int64" && a.label_dtype != "uint8") {
         throw UsageError("--label-dtype must be auto, int64 or uint8, got '" + a.label_dtype + "'");
       }
+    } else if (s == "--spacing") {
+      a.spacing = parse_spacing(next("--spacing"));
     } else if (s == "--threads") {
       const std::vector<int64_t> t = parse_ints(next("--threads"), "--threads");
       if (t.size() != 1 || t[0] < 1) throw UsageError("--threads must be one integer >= 1");
@@ -151,6 +182,8 @@ struct Meta {
   std::vector<int64_t> patch;
   std::string intensity;
   bool pipeline = false;  // `sslseg export --pipeline`: the module maps a raw volume to its labels
+  bool planned = false;   // trained with a (non-identity) data plan
+  std::vector<double> target_spacing;
 };
 
 int64_t json_int(const mini_json::Value& v, const std::string& key, const std::string& where) {
@@ -200,6 +233,24 @@ Meta read_meta(const std::string& text, const std::string& where) {
     if (v.has("pipeline")) {
       const mini_json::Value& pl = v.at("pipeline");
       m.pipeline = pl.kind == mini_json::Value::Kind::Bool && pl.boolean;
+    }
+    if (v.has("plan") && v.at("plan").kind == mini_json::Value::Kind::Object) {
+      const mini_json::Value& plan = v.at("plan");
+      const bool identity = plan.has("identity") && plan.at("identity").kind == mini_json::Value::Kind::Bool &&
+                            plan.at("identity").boolean;
+      if (!identity) {
+        m.planned = true;
+        const mini_json::Value& ts = plan.at("target_spacing");
+        if (ts.kind != mini_json::Value::Kind::Array || ts.array.size() != 3) {
+          throw UsageError(where + ": metadata plan 'target_spacing' must be a list of 3 numbers");
+        }
+        for (const auto& x : ts.array) {
+          if (x.kind != mini_json::Value::Kind::Number || !(x.number > 0)) {
+            throw UsageError(where + ": metadata plan 'target_spacing' entries must be positive numbers");
+          }
+          m.target_spacing.push_back(x.number);
+        }
+      }
     }
     return m;
   } catch (const std::runtime_error& e) {
@@ -475,6 +526,27 @@ int run(const Args& args) {
     throw UsageError("--label-dtype uint8 holds at most 256 classes, the model has " + std::to_string(meta.num_classes));
   }
   const bool want_probs = !args.probs.empty();
+  if (meta.planned) {
+    const std::string target = c10::str(at::ArrayRef<double>(meta.target_spacing));
+    if (!meta.pipeline) {
+      throw UsageError(args.model + ": the model was trained with a plan (crop, normalisation, target spacing " +
+                       target + " mm) that this runner applies only through a pipeline export: export it with "
+                       "`sslseg export --pipeline` and pass --spacing, or segment with `sslseg infer`");
+    }
+    if (args.spacing.empty()) {
+      throw UsageError(where + ": the model was trained with a plan: give --spacing D,H,W (mm), which must equal "
+                       "the plan's target spacing " + target);
+    }
+    // Same rule as the module's (sslseg.inference.pipeline.SPACING_RTOL); 2D plans keep each
+    // volume's own slice distance.
+    for (int a = meta.dim == 2 ? 1 : 0; a < 3; ++a) {
+      if (std::abs(args.spacing[a] - meta.target_spacing[a]) > 1e-3 * meta.target_spacing[a]) {
+        throw UsageError(where + ": expected a volume at the plan's target spacing " + target + " mm (D, H, W), got "
+                         "spacing " + c10::str(at::ArrayRef<double>(args.spacing)) + " mm; this runner does not "
+                         "resample: resample the volume to the target spacing first, or use `sslseg infer`");
+      }
+    }
+  }
   if (meta.pipeline && want_probs) {
     throw UsageError(args.model + " is a pipeline export (volume -> labels): it has no probabilities; export "
                      "without --pipeline to get them");
@@ -486,7 +558,8 @@ int run(const Args& args) {
     try {
       if (meta.pipeline) {
         // The module normalises and blends itself (pure PyTorch): run it on the raw volume.
-        labels = model.forward({image}).toTensor().to(at::kLong);
+        labels = meta.planned ? model.forward({image, c10::List<double>(args.spacing)}).toTensor().to(at::kLong)
+                              : model.forward({image}).toTensor().to(at::kLong);
       } else if (meta.dim == 3) {
         const at::Tensor blended = sliding_window(model, normalize_intensity(image, meta.intensity), meta);
         labels = blended.argmax(0);  // (D, H, W)

@@ -30,6 +30,14 @@ dynamic batch and spatial dims, and the metadata JSON under the ``metadata_props
    resized back by nearest neighbour (PyTorch's ``mode="nearest"`` index rule), probabilities are
    the softmax resized back bilinearly.
 
+Models trained with a plan (metadata ``plan``, a NIfTI folder preprocessed by sslseg): step 1 is
+instead the plan's crop to the nonzero box and its per-channel normalisation (``ct``: clip to the
+dataset's foreground 0.5/99.5 percentiles, z-score with its mean/std; ``zscore``; ``none``), and
+the labels (probabilities) are put back into the whole volume with background outside the crop.
+This runner does **not** resample: it takes volumes at the plan's target spacing only (give
+``--spacing``; any other spacing is refused with an error naming both). Resample other scans
+first, or segment them with ``sslseg infer``.
+
 Results equal ``sslseg.infer`` on the PyTorch model up to floating point: identical labels except
 at exact ties, probabilities within about 1e-6 (the network itself runs in onnxruntime).
 """
@@ -53,7 +61,10 @@ __all__ = [
     "gaussian_importance",
     "load_volume",
     "main",
+    "check_plan_spacing",
+    "nonzero_box",
     "normalize_intensity",
+    "normalize_plan",
     "predict_slicewise",
     "resize_bilinear",
     "resize_nearest",
@@ -68,6 +79,8 @@ SIGMA_SCALE = 0.125
 WINDOW_BATCH = 4  # windows per run (3D)
 SLICE_BATCH = 16  # slices per run (2D)
 _INTENSITY_MODES = ("zscore", "minmax", "none")
+#: Relative spacing difference accepted for planned models (sslseg.inference.pipeline.SPACING_RTOL).
+SPACING_RTOL = 1e-3
 
 
 class RunnerError(ValueError):
@@ -97,6 +110,57 @@ def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
             lo, hi = float(x.min()), float(x.max())
             out[c] = (x - lo) / (hi - lo if hi > lo else 1.0)
     return out
+
+
+def nonzero_box(image: np.ndarray) -> list[list[int]]:
+    """``[[start, stop], ...]`` per spatial axis of the voxels nonzero in any channel (the whole
+    volume if none is), as ``sslseg.data.fingerprint.nonzero_bbox``."""
+    mask = np.any(image != 0, axis=0)
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[axis])])
+    return box
+
+
+def normalize_plan(image: np.ndarray, plan: dict) -> np.ndarray:
+    """A cropped ``(C, ...)`` float32 image normalised per channel as the plan says (``ct``: clip to
+    the dataset's foreground percentiles, z-score with its mean/std; ``zscore``: per volume;
+    ``none``), the float32 arithmetic of ``sslseg.data.preprocess.normalize`` without a mask."""
+    out = np.empty(image.shape, np.float32)
+    norms = plan["normalization"]
+    for c in range(image.shape[0]):
+        x = image[c]
+        scheme = norms[c] if c < len(norms) else "zscore"
+        if scheme == "ct":
+            p = plan["intensity_properties"][c]
+            x = np.clip(x, p["percentile_00_5"], p["percentile_99_5"])
+            out[c] = (x - p["mean"]) / max(p["std"], 1e-8)
+        elif scheme == "zscore":
+            out[c] = (x - x.mean()) / max(float(x.std()), 1e-8)
+        else:
+            out[c] = x
+    return out
+
+
+def check_plan_spacing(plan: dict, spacing: Sequence[float] | None, dim: int, where: str) -> None:
+    """Refuse a volume that is not at the plan's target spacing (this runner does not resample).
+
+    Raises:
+        RunnerError: no spacing, or one that differs from the target by more than :data:`SPACING_RTOL`.
+    """
+    target = [float(t) for t in plan["target_spacing"]]
+    if spacing is None:
+        raise RunnerError(f"{where}: the model was trained with a plan: give the volume's spacing (D, H, W) in mm "
+                          f"(--spacing), which must equal the plan's target spacing {target}")
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != 3 or not all(s > 0 for s in spacing):
+        raise RunnerError(f"{where}: spacing must be 3 positive numbers (D, H, W) in mm, got {spacing}")
+    axes = range(1, 3) if dim == 2 else range(3)  # 2D plans keep each volume's own slice distance
+    if any(abs(spacing[a] - target[a]) > SPACING_RTOL * target[a] for a in axes):
+        raise RunnerError(f"{where}: expected a volume at the plan's target spacing {target} mm (D, H, W), got "
+                          f"spacing {spacing} mm; this runner does not resample: resample the volume to the target "
+                          "spacing first, or segment it with `sslseg infer`, which does")
 
 
 def as_volume(array: np.ndarray, where: str, in_channels: int) -> np.ndarray:
@@ -333,6 +397,12 @@ class OnnxSegmenter:
         self.num_classes = int(meta["num_classes"])
         self.patch_size = [int(p) for p in meta["patch_size"]]
         self.intensity = str(meta["intensity"])
+        plan = meta.get("plan")
+        #: The data plan of a model trained on a planned NIfTI folder (None: intensity applies).
+        self.plan = plan if isinstance(plan, dict) and not plan.get("identity", False) else None
+        if self.plan is not None and any(self.plan.get("use_mask_for_norm") or []):
+            raise RunnerError(f"{path}: the model's plan z-scores within a filled foreground mask, which this runner "
+                              "does not implement; segment with `sslseg infer`")
         names = [i.name for i in self.session.get_inputs()]
         self.input_name = meta.get("input_name") or names[0]
         if self.input_name not in names:
@@ -379,21 +449,44 @@ class OnnxSegmenter:
                               f"({x.shape[0]}, {self.num_classes}, *{list(x.shape[2:])})")
         return logits
 
-    def predict(self, image: np.ndarray, *, probabilities: bool = False, where: str = "image"):
+    def predict(self, image: np.ndarray, *, probabilities: bool = False, where: str = "image",
+                spacing: Sequence[float] | None = None):
         """Segment one raw volume, as ``sslseg.infer`` does.
 
         Args:
             image: ``(C, D, H, W)`` or ``(D, H, W)`` raw intensities (any real dtype).
             probabilities: Also return the class probabilities ``(K, D, H, W)`` float32.
             where: Name of the volume in error messages.
+            spacing: Voxel spacing ``(D, H, W)`` in mm; required for a model trained with a plan,
+                and then it must be the plan's target spacing (this runner crops and normalises as
+                the plan says, but does not resample).
 
         Returns:
             Labels ``(D, H, W)`` int64, or ``(labels, probabilities)``.
 
         Raises:
-            RunnerError: wrong dims or channels, empty, non-numeric, NaN or Inf voxels.
+            RunnerError: wrong dims or channels, empty, non-numeric, NaN or Inf voxels; a planned
+                model's volume without its spacing or at another spacing.
         """
-        x = normalize_intensity(as_volume(image, where, self.in_channels), self.intensity)
+        volume = as_volume(image, where, self.in_channels)
+        if self.plan is None:
+            return self._predict(normalize_intensity(volume, self.intensity), probabilities)
+        check_plan_spacing(self.plan, spacing, self.dim, where)
+        shape = volume.shape[1:]
+        box = nonzero_box(volume) if self.plan.get("crop_to_nonzero", True) else [[0, s] for s in shape]
+        inside = tuple(slice(a, b) for a, b in box)
+        result = self._predict(normalize_plan(volume[(slice(None), *inside)], self.plan), probabilities)
+        labels_crop, probs_crop = result if probabilities else (result, None)
+        labels = np.zeros(shape, np.int64)  # background outside the crop, as sslseg.infer uncrops
+        labels[inside] = labels_crop
+        if not probabilities:
+            return labels
+        probs = np.zeros((self.num_classes, *shape), np.float32)
+        probs[0] = 1.0
+        probs[(slice(None), *inside)] = probs_crop
+        return labels, probs
+
+    def _predict(self, x: np.ndarray, probabilities: bool):
         if self.dim == 2:
             return predict_slicewise(self.network, x, self.patch_size, probabilities=probabilities)
         probs = sliding_window(self.network, x, self.patch_size)
@@ -450,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probabilities", metavar="PROBS", help="also write the probabilities (K, D, H, W) float32 .npy")
     parser.add_argument("--label-dtype", choices=("auto", "uint8", "int64"), default="auto",
                         help="auto (default): uint8 up to 256 classes, else int64 (as `sslseg infer`)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
+                        help="voxel spacing in mm; required for models trained with a plan (must be the plan's "
+                             "target spacing: this runner does not resample)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--provider", action="append", default=None,
                         help="onnxruntime execution provider (repeatable; default CPUExecutionProvider)")
@@ -458,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seg = OnnxSegmenter(args.model, providers=args.provider, threads=args.threads)
         dtype = _label_dtype(args.label_dtype, seg.num_classes)
         image = load_volume(args.input)
-        result = seg.predict(image, probabilities=args.probabilities is not None, where=str(args.input))
+        result = seg.predict(image, probabilities=args.probabilities is not None, where=str(args.input),
+                             spacing=args.spacing)
         labels, probs = result if args.probabilities is not None else (result, None)
         _save(Path(args.out), labels.astype(dtype))
         if probs is not None:

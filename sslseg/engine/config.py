@@ -59,6 +59,12 @@ class EngineConfig:
             is installed.
         image_every: TensorBoard image overlays (one validation case's middle slice: image, ground
             truth, prediction) every N steps; None: at each validation.
+        use_plan: Plan and preprocess raw NIfTI folders (``sslseg.data.plan``: crop, normalise,
+            resample to the plan's spacing, memory-mapped cache); False reads them as stored
+            (per-volume z-score, no resampling, uniform patches), for comparisons. SSL4MIS h5
+            layouts and phantoms are read as stored either way.
+        plan: Plan fields to override (``{"patch_size": [64, 128, 128]}``; on the command line
+            ``--set plan.patch_size=[64,128,128]``).
     """
 
     data: str = "synthetic:acdc"
@@ -91,6 +97,8 @@ class EngineConfig:
     sync_bn: bool = False
     tensorboard: bool | None = None
     image_every: int | None = None
+    use_plan: bool = True
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +112,8 @@ class EngineConfig:
             ("labeled_bs", self.labeled_bs is None or (isinstance(self.labeled_bs, int) and self.labeled_bs > 0), "None or an int > 0"),
             ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
             ("sync_bn", isinstance(self.sync_bn, bool), "a bool"),
+            ("use_plan", isinstance(self.use_plan, bool), "a bool"),
+            ("plan", isinstance(self.plan, dict), "a dict of plan fields"),
             ("tensorboard", self.tensorboard is None or isinstance(self.tensorboard, bool), "None or a bool"),
             ("image_every", self.image_every is None or (isinstance(self.image_every, int)
                                                          and not isinstance(self.image_every, bool)
@@ -170,7 +180,7 @@ def parse_set(pairs: list[str], engine: EngineConfig, method_config: Any) -> tup
     """Split ``key=value`` strings into engine and method overrides.
 
     A key is looked up in the engine options, then the method's; ``method.key=value`` or
-    ``engine.key=value`` forces one. Unknown keys are a ``TypeError`` listing the accepted ones.
+    ``engine.key=value`` forces one; ``plan.key=value`` overrides a field of the data plan. Unknown keys are a ``TypeError`` listing the accepted ones.
     """
     eng_fields = {f.name: f for f in dataclasses.fields(engine)}
     hints = typing.get_type_hints(type(engine))
@@ -185,7 +195,9 @@ def parse_set(pairs: list[str], engine: EngineConfig, method_config: Any) -> tup
         scope = None
         if "." in key:
             scope, key = key.split(".", 1)
-        if scope in (None, "engine") and key in eng_fields:
+        if scope == "plan":  # plan.<field>=value: a plan override (checked against the plan's fields by the engine)
+            eng.setdefault("plan", {})[key] = yaml.safe_load(text)
+        elif scope in (None, "engine") and key in eng_fields:
             eng[key] = _coerce(text, hints[key])
         elif scope in (None, "method") and key in m_fields:
             meth[key] = _coerce(text, m_hints[key])

@@ -29,20 +29,21 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-import sslseg
-
-from sslseg.engine import distributed as dist
+from sslseg._version import __version__
 from sslseg.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sslseg.engine.config import EngineConfig, config_to_dict, load_yaml, update_dataclass
+from sslseg.engine.distributed import cleanup, init_distributed
 from sslseg.engine.logger import RunLogger, middle_slice_prediction, plot_progress, use_tensorboard
 from sslseg.engine.run import MODEL_FILES, MODEL_FORMAT, Run
-from sslseg.engine.schedules import consistency_weight, poly_lr, sigmoid_rampup
 from sslseg.engine.validation import validate
 from sslseg.methods.base import NetworkSpec, SSLMethod, StepContext, get_method
+from sslseg.utils import distributed as dist
+from sslseg.utils.schedules import consistency_weight, poly_lr, sigmoid_rampup
 
-__all__ = ["fit"]
+__all__ = ["Trainer", "fit"]
 
 _LAST, _BEST = "last.pt", MODEL_FILES["best_val"]
+_PLAN = "plan.json"
 #: Salt of the per-rank seeds (rank r > 0 of a distributed run reseeds its global RNGs after the
 #: networks are built, so dropout and noise differ across ranks; rank 0 keeps the run seed's stream).
 _RANK_SEED_KEY = 0x5EED
@@ -142,6 +143,18 @@ def _default_patch(dataset: Any, dim: int, divisor: int = 16) -> list[int]:
     return [max(divisor, (min(s, cap) // divisor) * divisor) for s in sizes]
 
 
+def _input_intensity(dataset: Any) -> str:
+    """The per-volume normalisation that turns a scan as stored into what the network saw.
+
+    ``none`` for SSL4MIS h5 layouts and phantoms (stored normalised, read as they are) and for
+    planned data (the plan, recorded beside it, normalises); the reader's mode for NIfTI folders
+    read without a plan.
+    """
+    if dataset.plan is not None or dataset.layout != "nifti":
+        return "none"
+    return dataset.intensity
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -214,15 +227,48 @@ def fit(
     eng = update_dataclass(eng, explicit, where="fit()")
     mcfg = update_dataclass(cls.Config(), file_cfg.get("method", {}), where=f"config method section ({method})")
     mcfg = update_dataclass(mcfg, method_options, where=f"fit() options of method {method!r}")
-    return _Trainer(cls, eng, mcfg, out_dir=resume or out_dir, resume=resume is not None).run()
+    return Trainer(cls, eng, mcfg, out_dir=resume or out_dir, resume=resume is not None).run()
 
 
-class _Trainer:
-    """One training run; :func:`fit` builds it from resolved configs."""
+class Trainer:
+    """One training run, built but not started: :func:`fit` is ``Trainer(...).run()`` on resolved configs.
 
-    def __init__(self, cls: type[SSLMethod], eng: EngineConfig, mcfg: Any, *, out_dir: str | Path | None, resume: bool) -> None:
-        self.cls, self.eng, self.mcfg, self.resume = cls, eng, mcfg, resume
-        self.dist, self.device = dist.init_distributed(eng.device)
+    Constructing it does everything before the first step: joins the process group, seeds the
+    global RNGs, loads the data and the split, builds the method's networks, the optimizer and the
+    batch loader, and picks the run directory (nothing is written yet). Tests and benchmarks build
+    one to look inside a run (``trainer.method.nets``) or to drive its parts (``trainer.loader``,
+    ``trainer.optimizer``) themselves; everyone else calls :func:`fit`.
+
+    Args:
+        method: A method name (``"mean_teacher"``) or its registered class.
+        engine: The engine options, complete (:class:`~sslseg.engine.EngineConfig`).
+        method_config: The method's config dataclass; default ``method.Config()``.
+        out_dir: Run directory (default: a new one under ``runs/``); for ``resume`` the run to continue.
+        resume: Continue the run in ``out_dir`` from its ``last.pt`` (same configs, same split).
+
+    Attributes:
+        method: The :class:`~sslseg.methods.SSLMethod` with its networks built, on ``device``.
+        spec: The :class:`~sslseg.methods.NetworkSpec` the networks were built from.
+        optimizer: SGD over the method's trainable parameters.
+        loader: The labeled + unlabeled batch loader (``loader.forever()`` yields batches).
+        device: This rank's device.
+        eng: The engine options (``engine``).
+        dir: The run directory.
+
+    Call :meth:`run` once to train; it returns the finished :class:`~sslseg.engine.Run` and
+    releases what the run held (process group, determinism flags, logger), also on error.
+    """
+
+    def __init__(self, method: str | type[SSLMethod], engine: EngineConfig, method_config: Any = None, *,
+                 out_dir: str | Path | None = None, resume: bool = False) -> None:
+        cls = get_method(method) if isinstance(method, str) else method
+        if not (isinstance(cls, type) and issubclass(cls, SSLMethod)):
+            raise TypeError(f"Trainer: method must be a method name or an SSLMethod subclass, got {method!r}")
+        if not isinstance(engine, EngineConfig):
+            raise TypeError(f"Trainer: engine must be an EngineConfig, got {type(engine).__name__}")
+        mcfg = cls.Config() if method_config is None else method_config  # the method checks its type
+        self.cls, self.eng, self.mcfg, self.resume = cls, engine, mcfg, resume
+        self.dist, self.device = init_distributed(engine.device)
         # Deterministic mode is process-global in torch: remember the caller's setting and
         # restore it when the run ends (run()'s finally), so fit() leaves no global state behind.
         self._prev_deterministic = (torch.are_deterministic_algorithms_enabled(),
@@ -251,6 +297,7 @@ class _Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.dataset = sslseg.data.load(eng.data)
+        self._prepare_data(out_dir)
         self.dim = self.dataset.dim
         labeled = _labeled_value(eng.labeled)
         if self.resume:
@@ -259,12 +306,16 @@ class _Trainer:
             self.split = self.dataset.split(labeled=labeled, seed=eng.seed, order=eng.split_order,
                                             fold=eng.fold, folds=eng.folds)
         model_name = eng.model or cls.default_model.get(self.dim) or ("unet" if self.dim == 2 else "unet_3d")
-        patch = eng.patch_size or _default_patch(self.dataset, self.dim)
+        plan = self.dataset.plan
+        patch = eng.patch_size or (list(plan.patch_size) if plan is not None else _default_patch(self.dataset, self.dim))
         if len(patch) == 1:
             patch = patch * self.dim
         if len(patch) != self.dim:
             raise ValueError(f"patch_size must have {self.dim} entries for {self.dim}D data, got {patch}")
         self.patch = tuple(int(p) for p in patch)
+        if not eng.patch_size:
+            # The default patch must suit every network the method builds (CTCT's Swin-UNet), not only the run's.
+            self.patch = tuple(cls.fit_patch(self.patch, mcfg, model_name, dict(eng.model_options)))
         self.spec = NetworkSpec(model=model_name, in_channels=self.dataset.in_channels, num_classes=self.dataset.num_classes,
                                 dim=self.dim, patch_size=self.patch, seed=eng.seed, model_options=dict(eng.model_options))
         self.method = cls(mcfg, self.spec)
@@ -288,7 +339,7 @@ class _Trainer:
         self.optimizer = torch.optim.SGD(params, lr=eng.base_lr, momentum=eng.momentum, weight_decay=eng.weight_decay)
         self.extra_optimizers = self.method.extra_optimizers()
         self.scaler = torch.amp.GradScaler("cuda") if eng.amp == "fp16" else None
-        bs = eng.batch_size or (24 if self.dim == 2 else 4)
+        bs = eng.batch_size or (plan.batch_size if plan is not None else (24 if self.dim == 2 else 4))
         lbs = eng.labeled_bs or max(1, bs // 2)
         if lbs > bs:
             raise ValueError(f"labeled_bs={lbs} must be <= batch_size={bs}")
@@ -305,8 +356,9 @@ class _Trainer:
         self.labeled_bs, self.unlabeled_bs = lbs, ubs
         self.loader = sslseg.data.make_train_loader(
             self.dataset, self.split, patch_size=self.patch, labeled_bs=lbs // world, unlabeled_bs=ubs // world,
-            seed=eng.seed, num_workers=eng.num_workers, strong_aug=cls.strong_aug, strong_views=cls.strong_views,
+            seed=eng.seed, num_workers=eng.num_workers, strong_aug=self.method.strong_augment(), strong_views=cls.strong_views,
             pin_memory=self.device.type == "cuda", distributed=(world, rank) if self.dist.enabled else False,
+            use_plan=eng.use_plan,
         )
         self.rampup_length = float(eng.consistency_rampup if eng.consistency_rampup is not None else eng.iterations)
         self.consistency = eng.consistency if eng.consistency is not None else getattr(mcfg, "consistency", 0.1)
@@ -327,6 +379,34 @@ class _Trainer:
         buffers = {id(b): b for net in self.method.networks().values() for b in net.buffers() if b.is_floating_point()}
         self.sync_buffers = list(buffers.values()) if self.dist.enabled else []
 
+    def _prepare_data(self, out_dir: str | Path | None) -> None:
+        """Plan and preprocess a raw NIfTI folder (``eng.use_plan``), so that patches, spacing and
+        validation volumes come from the plan's cache; a no-op for data stored preprocessed.
+
+        A resumed run reuses the plan saved with it (``plan.json``), so it continues on the very
+        arrays it started on; ``eng.plan`` overrides plan fields of a new run.
+        """
+        import sslseg.data
+
+        eng = self.eng
+        if not self.dataset.needs_preprocessing or not eng.use_plan:
+            if eng.plan:
+                why = "use_plan=False" if self.dataset.needs_preprocessing else (
+                    f"dataset {self.dataset.name!r} (layout {self.dataset.layout}) is stored preprocessed")
+                raise ValueError(f"plan overrides {sorted(eng.plan)} given, but no plan is used: {why}")
+            return
+        saved = Path(out_dir) / _PLAN if self.resume and out_dir is not None else None
+        if saved is not None and saved.is_file():
+            plan = sslseg.data.Plan.from_json(saved)
+        else:
+            plan = sslseg.data.plan(self.dataset, dim=self.dataset.dim, overrides=eng.plan or None)
+        # Rank 0 preprocesses first; the other ranks then find the cache complete.
+        if self.dist.is_main:
+            self.dataset.prepare(plan)
+        dist.barrier()
+        if not self.dist.is_main:
+            self.dataset.prepare(plan)
+
     def _release(self) -> None:
         """Undo what the run changed in the process: logger, determinism flags, process group."""
         if self.logger is not None:
@@ -334,7 +414,7 @@ class _Trainer:
         enabled, warn_only, benchmark = self._prev_deterministic
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
-        dist.cleanup(self.dist)
+        cleanup(self.dist)
 
     # ---- helpers given to methods through StepContext ----------------------------------------------
 
@@ -414,8 +494,9 @@ class _Trainer:
             "model": self.spec.model, "in_channels": self.spec.in_channels, "num_classes": self.spec.num_classes,
             "dim": self.dim, "patch_size": list(self.patch), "model_options": dict(self.spec.model_options),
             "spacing": list(self.dataset.spacing) if self.dataset.spacing is not None else None,
-            "method": self.cls.name, "data": str(self.eng.data), "intensity": self.dataset.intensity,
-            "class_names": list(self.dataset.class_names or []), "sslseg_version": sslseg.__version__,
+            "method": self.cls.name, "data": str(self.eng.data), "intensity": _input_intensity(self.dataset),
+            "plan": self.dataset.plan.to_dict() if self.dataset.plan is not None else None,
+            "class_names": list(self.dataset.class_names or []), "sslseg_version": __version__,
         }
 
     def _write_config(self) -> None:
@@ -428,6 +509,8 @@ class _Trainer:
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(self.dir / "config.yaml")
         self.split.save(self.dir / "split.json")
+        if self.dataset.plan is not None:
+            self.dataset.plan.to_json(self.dir / _PLAN)  # atomic (temporary file, then rename)
 
     # ---- the loop ---------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-import sslseg
+from sslseg._version import __version__
 
 __all__ = ["MODEL_FILES", "MODEL_FORMAT", "RECORD_KEYS", "Run", "load_model", "model_record", "resolve_model"]
 
@@ -44,7 +44,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     Returns:
         ``(model in eval mode, record)`` where ``record`` holds the model name, classes, patch
-        size, spacing, method and data of the run. The record stays attached to the model:
+        size, spacing, method and data of the run, the input normalisation (``intensity``) and
+        the data plan (``plan``: a :class:`~sslseg.data.Plan` dict, None for data used as stored). The record stays attached to the model:
         :func:`model_record` returns it.
     """
     from sslseg.engine.checkpoint import load_checkpoint
@@ -65,16 +66,37 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         if isinstance(ckpt, dict) and isinstance(ckpt.get("record"), str):
             written_by = f", written by sslseg {json.loads(ckpt['record']).get('sslseg_version', '?')}"
         if isinstance(fmt, str) and fmt.startswith("sslseg-model/"):
-            raise ValueError(f"{path}: model file format {fmt!r}{written_by}; this sslseg {sslseg.__version__} reads "
+            raise ValueError(f"{path}: model file format {fmt!r}{written_by}; this sslseg {__version__} reads "
                              f"{MODEL_FORMAT!r}. Load it with the sslseg version that wrote it, or retrain.")
         raise ValueError(f"{path}: not an sslseg model file (format {fmt!r}, expected {MODEL_FORMAT!r})")
     record = json.loads(ckpt["record"])
     record.setdefault("intensity", "zscore")  # files written before the key existed
+    if "plan" not in record:
+        # Written before plans, when "intensity" named the dataset's convention (minmax for ACDC)
+        # instead of what a scan as stored needs: h5 layouts and phantoms are read as they are.
+        record["plan"] = None
+        if _stored_normalised(record.get("data")):
+            record["intensity"] = "none"
     model = create_model(record["model"], record["in_channels"], record["num_classes"], **record["model_options"])
     model.load_state_dict(ckpt["state_dict"])
     model = model.to(device).eval()
     _RECORDS[model] = record
     return model, record
+
+
+def _stored_normalised(data: Any) -> bool:
+    """True when a record's data spec names data stored normalised (SSL4MIS h5 layouts, phantoms)."""
+    if not isinstance(data, str):
+        return False
+    if data.startswith("synthetic:"):
+        return not data.split(":", 1)[1].startswith("ct")
+    from sslseg.data.errors import DataError
+    from sslseg.data.layouts import detect_layout
+
+    try:
+        return detect_layout(Path(data).expanduser()) != "nifti"
+    except (DataError, OSError):
+        return False  # the data are not here: keep the recorded mode
 
 
 def resolve_model(model_or_path: Any, *, record: dict[str, Any] | None = None, device: Any = None,
@@ -149,7 +171,8 @@ class Run:
         history: Logged training values, one dict per logging window.
         model: The evaluated network (student, or the method's eval network) with its best
             validation weights, in eval mode.
-        record: Model name, classes, patch size, spacing, method and data.
+        record: Model name, classes, patch size, spacing, method, data, input normalisation and
+            data plan (see :func:`load_model`).
     """
 
     dir: Path

@@ -1,8 +1,11 @@
-"""Inference: sliding-window blending of window predictions, and 2D networks on 3D volumes.
+"""Inference, tensors in and tensors out: sliding-window blending, 2D networks on 3D volumes.
 
 ``sliding_window`` equals MONAI's ``sliding_window_inference`` for the same arguments (and offers
 SSL4MIS's stride grid and a streaming, slab-by-slab output); ``predict_slicewise`` runs a 2D network
-slice by slice.
+slice by slice; ``predict_volume`` picks between them for one volume (and applies a model's ``Preprocessing``:
+its plan's crop, normalisation and resampling, mapped back); ``InferencePipeline`` is the
+same inference as one scriptable module. Reading and writing scan files is the user-facing
+layer's (:func:`sslseg.infer`, :mod:`sslseg.app.infer`).
 """
 
 from sslseg.inference.sliding import (
@@ -13,7 +16,9 @@ from sslseg.inference.sliding import (
     window_grid,
 )
 from sslseg.inference.slicewise import predict_slicewise
+from sslseg.inference.preprocessing import Prepared, Preprocessing
 from sslseg.inference.predict import predict_volume
-from sslseg.inference.files import infer
+from sslseg.inference.pipeline import InferencePipeline
 
-__all__ = ["SlidingWindowGrid", "clear_cache", "importance_map", "infer", "predict_slicewise", "predict_volume", "sliding_window", "window_grid"]
+__all__ = ["InferencePipeline", "Prepared", "Preprocessing", "SlidingWindowGrid", "clear_cache", "importance_map", "predict_slicewise", "predict_volume",
+           "sliding_window", "window_grid"]

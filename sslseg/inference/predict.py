@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from sslseg.inference.preprocessing import Preprocessing
+
 __all__ = ["check_image", "flip_tta", "predict_volume"]
 
 _OUTPUTS = ("labels", "probs")
@@ -95,6 +97,8 @@ def predict_volume(
     autocast_dtype: torch.dtype | None = None,
     in_channels: int | None = None,
     name: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Tensor:
     """Segment one volume with a 2D (slice-wise) or 3D (sliding-window) network.
 
@@ -111,6 +115,12 @@ def predict_volume(
     window before blending (3D); flips commute with the slice resize, so in 2D this equals
     flipping the whole volume.
 
+    With ``preprocessing`` (a model's :class:`~sslseg.inference.Preprocessing`, e.g.
+    ``Preprocessing.from_record(record)``), ``image`` is the raw scan: it is normalised (and, for
+    a planned model, cropped and resampled to the plan's spacing), predicted, and for a planned
+    model its probabilities are resampled back onto the scan's grid and uncropped before the
+    argmax, so the output always has the scan's shape.
+
     The model runs in its current mode: call ``model.eval()`` first.
 
     Args:
@@ -126,6 +136,10 @@ def predict_volume(
         autocast_dtype: Run the network under autocast with this dtype (e.g. ``torch.bfloat16``).
         in_channels: Channels the model takes; default ``model.in_channels`` when it has one.
         name: The volume's name for error messages (e.g. its id or file).
+        preprocessing: Apply the model's input preprocessing to a raw ``image`` (see above);
+            None: ``image`` is already what the network takes.
+        spacing: The scan's voxel spacing ``(D, H, W)`` in mm (needed with a planned
+            ``preprocessing``).
 
     Returns:
         The label map or the probabilities, on the image's device.
@@ -154,6 +168,14 @@ def predict_volume(
         known = getattr(model, "in_channels", None)
         in_channels = known if isinstance(known, int) and not isinstance(known, bool) else None
     check_image(image, in_channels, name)
+    if preprocessing is not None:
+        prepared = preprocessing.prepare(image, spacing, name=name)
+        kwargs = dict(dim=dim, patch_size=patch, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
+                      autocast_dtype=autocast_dtype, in_channels=in_channels, name=name)
+        if not prepared.changes_grid:
+            return predict_volume(model, prepared.image, output=output, **kwargs)
+        probs = preprocessing.restore(predict_volume(model, prepared.image, output="probs", **kwargs), prepared)
+        return probs.argmax(0) if output == "labels" else probs
 
     network = _forward(model, autocast_dtype)
     if tta:

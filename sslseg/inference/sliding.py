@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslseg.ops import sliding_window as _sw
-from sslseg.ops._loader import require_ops
+from sslseg.ops import backend, require_ops
+from sslseg.ops.sliding_window import dense_importance, separable_importance, sw_accumulate_, sw_gather, window_origin
 
 __all__ = ["SlidingWindowGrid", "clear_cache", "importance_map", "sliding_window", "window_grid"]
 
@@ -182,7 +182,7 @@ def importance_map(
             m = torch.ones(roi, dtype=torch.float)
             return torch.maximum(m, torch.tensor(1e-3)).to(device=device, dtype=dtype)
         factors, low = _gaussian_factors(roi, sig)
-        return _sw.dense_importance(_sw.separable_importance(factors, low), roi).to(device=device, dtype=dtype)
+        return dense_importance(separable_importance(factors, low), roi).to(device=device, dtype=dtype)
 
     return _cached(_IMPORTANCE, key, make)
 
@@ -210,7 +210,7 @@ def _separable_map(roi: tuple, sig: tuple, device: torch.device) -> Tensor:
 
     def make() -> Tensor:
         factors, low = _gaussian_factors(roi, sig)
-        return _sw.separable_importance(factors, low).to(device)
+        return separable_importance(factors, low).to(device)
 
     return _cached(_IMPORTANCE, key, make)
 
@@ -234,32 +234,19 @@ def _accumulate(use_ops: bool, out: Tensor, pred: Tensor, importance: Tensor | N
                 grid: SlidingWindowGrid, window_begin: int, starts: list[int] | None = None,
                 softmax: bool = False) -> None:
     starts = grid.flat_starts if starts is None else starts
-    args = (starts, grid.counts, window_begin, softmax)
-    if use_ops:
-        torch.ops.sslseg.sw_accumulate_.default(out, pred, importance, weight, *args)
-    else:
-        _sw._reference_accumulate(out, pred, importance, weight, *args)
+    sw_accumulate_(out, pred, starts, grid.counts, window_begin, importance=importance, weight=weight, softmax=softmax,
+                   backend="compiled" if use_ops else "reference")
 
 
 def _gather(use_ops: bool, volume: Tensor, grid: SlidingWindowGrid, starts: list[int], begin: int, end: int,
             pad_value: float) -> Tensor:
     if end - begin == 1:
         # One window inside the volume: a view, as MONAI passes it (no copy).
-        b, start, _, _ = _sw._window([list(s) for s in _split(starts, grid.counts)], list(grid.roi_size), begin)
+        b, start = window_origin(starts, grid.counts, begin)
         if all(s >= 0 and s + r <= n for s, r, n in zip(start, grid.roi_size, volume.shape[2:])):
             return volume[(slice(b, b + 1), slice(None), *(slice(s, s + r) for s, r in zip(start, grid.roi_size)))]
-    args = (list(grid.roi_size), starts, grid.counts, begin, end, float(pad_value))
-    if use_ops:
-        return torch.ops.sslseg.sw_gather.default(volume, *args)
-    return _sw._reference_gather(volume, *args)
-
-
-def _split(flat: list[int], counts: list[int]) -> list[list[int]]:
-    out, pos = [], 0
-    for c in counts:
-        out.append(flat[pos:pos + c])
-        pos += c
-    return out
+    return sw_gather(volume, grid.roi_size, starts, grid.counts, begin, end, float(pad_value),
+                     backend="compiled" if use_ops else "reference")
 
 
 def sliding_window(
@@ -342,8 +329,9 @@ def sliding_window(
         sw_device: Device the windows are moved to before the predictor (default: the volume's).
         device: Device of the output and of the blending (default: the volume's).
         use_ops: True: the compiled ops (error if missing); False: the pure-PyTorch reference
-            twins, no custom op; None (default): the compiled ops when available, else the twins
-            with a warning (an error under ``SSLSEG_REQUIRE_OPS=1``).
+            twins, no custom op; None (default): :func:`sslseg.ops.backend` decides (the compiled
+            ops when available, else the twins with a warning or an error under
+            ``SSLSEG_REQUIRE_OPS=1``; the twins when ``SSLSEG_OPS=reference``).
 
     Returns:
         ``(B, K, *spatial)`` float (``"blend"``) or ``(B, *spatial)`` int64 (``"labels"``), on
@@ -382,9 +370,7 @@ def sliding_window(
     fused_softmax = isinstance(activation, str) and activation == "softmax"  # done by sw_accumulate_
     act = None if fused_softmax else _activation(activation)
     if use_ops is None:
-        from sslseg.ops._loader import use_compiled
-
-        use_ops = use_compiled()
+        use_ops = backend() == "compiled"
     elif use_ops:
         require_ops()
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sslseg.utils.distributed import global_batch_sum
+
 __all__ = [
     "dice_loss",
     "entropy_loss",
@@ -44,7 +46,7 @@ def dice_loss(probs: Tensor, target: Tensor, *, squared: bool = True, smooth: fl
         ignore_index: Voxels with this label count for no class.
 
     Under DDP (inside the engine's training step) the sums cover the global batch: see
-    :func:`sslseg.engine.distributed.global_batch_sum`.
+    :func:`sslseg.utils.distributed.global_batch_sum`.
     """
     valid = None
     if target.dim() == probs.dim() and target.is_floating_point():
@@ -58,8 +60,6 @@ def dice_loss(probs: Tensor, target: Tensor, *, squared: bool = True, smooth: fl
         onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     p = probs if valid is None else probs * valid
     g = onehot if valid is None else onehot * valid
-    from sslseg.engine.distributed import global_batch_sum  # lazy: sslseg.engine imports the methods, which import this
-
     dims = [0, *range(2, probs.dim())]
     inter = (p * g).sum(dims)
     denom = (p * p).sum(dims) + (g * g).sum(dims) if squared else p.sum(dims) + g.sum(dims)

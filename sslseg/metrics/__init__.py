@@ -11,7 +11,7 @@ empty-mask policy scored; see :mod:`sslseg.metrics.result`).
 """
 
 from sslseg.metrics.overlap import dice, jaccard
-from sslseg.metrics.report import METRICS, segmentation_metrics
+from sslseg.metrics.segmentation import METRICS, segmentation_metrics
 from sslseg.metrics.result import EMPTY_POLICIES, MetricResult, image_diagonal
 from sslseg.metrics.surface import asd, hausdorff, hd95, surface, surface_distances
 

@@ -1,9 +1,15 @@
-"""Loading of the compiled operators (``sslseg._C``).
+"""Loading of the compiled operators (``sslseg._C``), and the one rule that picks an op's backend.
 
 Importing ``sslseg._C`` runs the static registrations of every ``torch.ops.sslseg.*`` op. When the
 extension is missing or broken, op wrappers fall back to their pure-PyTorch reference twins and warn
 once; with ``SSLSEG_REQUIRE_OPS=1`` (set by the tests and CI) they raise instead, so that a broken
 build cannot hide behind the fallback.
+
+Every op wrapper asks :func:`backend_for` whether to call the compiled kernel or its reference twin
+(see there for the rule). ``SSLSEG_OPS=reference`` in the environment, or
+:func:`set_backend` ``("reference")``, is the safety valve: every op then runs its pure-PyTorch
+twin on every device (same results within the tests' tolerances, slower), e.g. to rule out or work
+around a kernel bug on a GPU without reinstalling.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from functools import lru_cache
 import torch
 
 _REQUIRE_ENV = "SSLSEG_REQUIRE_OPS"
+_BACKEND_ENV = "SSLSEG_OPS"
+#: The two ways an op runs: the compiled kernel (``torch.ops.sslseg.*``) or its pure-PyTorch twin.
+BACKENDS = ("compiled", "reference")
+# set_backend's choice for this process; None defers to SSLSEG_OPS, then to the automatic rule.
+_forced: str | None = None
 
 
 @lru_cache(maxsize=None)
@@ -79,6 +90,88 @@ def use_compiled() -> bool:
         require_ops()
     _warn_fallback_once()
     return False
+
+
+def set_backend(name: str | None) -> None:
+    """Run every sslseg op on one backend in this process, on every device, or undo that.
+
+    Args:
+        name: ``"reference"``: the pure-PyTorch twins (the safety valve: slower, same results
+            within the tests' tolerances); ``"compiled"``: the compiled kernels, an error now if
+            they are missing; ``None``: back to ``SSLSEG_OPS`` or, unset, the automatic choice.
+
+    Raises:
+        ValueError: ``name`` is none of these.
+        RuntimeError: ``"compiled"`` while the compiled operators could not be loaded.
+    """
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"set_backend: name must be one of {list(BACKENDS)} or None, got {name!r}")
+    if name == "compiled":
+        require_ops()
+    global _forced
+    _forced = name
+
+
+def _requested() -> str | None:
+    """The backend the user asked for (:func:`set_backend`, else ``SSLSEG_OPS``), or None."""
+    if _forced is not None:
+        return _forced
+    raw = os.environ.get(_BACKEND_ENV, "")
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"environment variable {_BACKEND_ENV} must be one of {list(BACKENDS)}, 'auto' or unset, "
+                         f"got {raw!r}")
+    return value
+
+
+@torch.compiler.assume_constant_result
+def _loaded_while_tracing() -> bool:
+    # torch.compile cannot trace the loader's import machinery: evaluated once, at trace time.
+    return has_ops()
+
+
+def backend_for(choice: str | None = None) -> str:
+    """The backend an op call runs on: ``"compiled"`` or ``"reference"``.
+
+    The one rule every op wrapper follows:
+
+    1. ``choice`` when a caller passes one for this call (``"reference"``, or ``"compiled"``,
+       which raises if the extension is missing);
+    2. else the backend the user forced: :func:`set_backend`, else the environment variable
+       ``SSLSEG_OPS`` (``compiled``, ``reference``; ``auto`` or unset: no preference), read at
+       each call (under ``torch.compile``, when the function is traced);
+    3. while ``torch.compile`` or ``torch.export`` traces: the compiled op when the extension is
+       loaded (its fake kernel describes it to the tracer), else the reference twin;
+    4. else the compiled op when the extension is loaded; otherwise the reference twin after a
+       one-time warning, or an error under ``SSLSEG_REQUIRE_OPS=1``.
+
+    Raises:
+        ValueError: a bad ``choice`` or ``SSLSEG_OPS`` value.
+        RuntimeError: the compiled ops are required (``"compiled"`` or ``SSLSEG_REQUIRE_OPS=1``)
+            but could not be loaded.
+    """
+    if choice is not None and choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {choice!r}")
+    requested = choice if choice is not None else _requested()
+    if requested == "reference":
+        return "reference"
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return "compiled" if requested == "compiled" or _loaded_while_tracing() else "reference"
+    if requested == "compiled":
+        require_ops()
+        return "compiled"
+    return "compiled" if use_compiled() else "reference"
+
+
+def backend() -> str:
+    """The backend sslseg's ops run on now: ``"compiled"`` or ``"reference"`` (see :func:`backend_for`).
+
+    Raises where an op call would: a bad ``SSLSEG_OPS`` value, or missing compiled operators
+    that are required.
+    """
+    return backend_for(None)
 
 
 def build_info() -> dict[str, str]:

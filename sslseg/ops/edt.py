@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sslseg.ops._loader import has_ops, use_compiled
+from sslseg.ops._loader import backend_for, has_ops
 
 __all__ = ["edt"]
 
@@ -68,8 +68,7 @@ def edt(
             f"edt: mask must be bool or an integer dtype (nonzero = foreground), got {mask.dtype}; "
             "threshold a float tensor first, e.g. edt(prob > 0.5)"
         )
-    # Under torch.compile the loader's import machinery cannot be traced; tracing needs the op anyway.
-    if torch.compiler.is_compiling() or use_compiled():
+    if backend_for() == "compiled":
         return torch.ops.sslseg.edt.default(mask, sp)
     return _reference(mask, sp)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslseg.ops._loader import has_ops, use_compiled
+from sslseg.ops._loader import backend_for, has_ops
 
 __all__ = ["ema_update_", "ema_decay"]
 
@@ -73,7 +73,7 @@ def ema_update_(
         )
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"ema_update_: decay must be a float in [0, 1], got {decay!r}")
-    compiled = use_compiled()
+    compiled = backend_for() == "compiled"
     with torch.no_grad():
         if isinstance(teacher, nn.Module):
             pairs = _module_pairs(teacher, student, include_buffers, compiled)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from sslseg.ops._loader import has_ops, use_compiled
+from sslseg.ops._loader import backend_for, has_ops
 
 __all__ = ["mc_entropy_finalize_", "mc_softmax_accumulate_", "predictive_entropy"]
 
@@ -102,7 +102,7 @@ def mc_softmax_accumulate_(acc: Tensor, logits: Tensor, *, overwrite: bool = Fal
 
     Not differentiable.
     """
-    if use_compiled():
+    if backend_for() == "compiled":
         torch.ops.sslseg.mc_softmax_accumulate_.default(acc, logits, bool(overwrite))
     else:
         _reference_accumulate(acc, logits, bool(overwrite))
@@ -122,7 +122,7 @@ def mc_entropy_finalize_(acc: Tensor, count: int, *, normalize: bool = False, ep
         ``(B, 1, *spatial)`` entropy ``-sum_c p_c log(p_c + eps)`` in ``acc``'s dtype. Not
         differentiable.
     """
-    if use_compiled():
+    if backend_for() == "compiled":
         return torch.ops.sslseg.mc_entropy_finalize_.default(acc, int(count), bool(normalize), float(eps))
     return _reference_finalize(acc, int(count), bool(normalize), float(eps))
 

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sslseg.ops._loader import has_ops, use_compiled
+from sslseg.ops._loader import backend_for, has_ops
 
-__all__ = ["dense_importance", "separable_importance", "sw_accumulate_", "sw_gather"]
+__all__ = ["dense_importance", "separable_importance", "sw_accumulate_", "sw_gather", "window_origin"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,6 +47,8 @@ def sw_gather(
     window_begin: int,
     window_end: int,
     pad_value: float = 0.0,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     """Copy windows ``[window_begin, window_end)`` of ``volume`` into one contiguous batch.
 
@@ -59,13 +61,15 @@ def sw_gather(
         counts: Number of starts per spatial dimension (each ``>= 1``).
         window_begin, window_end: The window range, ``0 <= begin <= end <= B * prod(counts)``.
         pad_value: Value of window voxels outside the volume (constant padding).
+        backend: ``"compiled"`` or ``"reference"`` for this call; None (default) follows
+            :func:`sslseg.ops.backend`.
 
     Returns:
         ``(window_end - window_begin, C, *roi_size)``, contiguous, the dtype and device of
         ``volume``. Not differentiable.
     """
     args = (_ints(roi_size), _ints(starts), _ints(counts), int(window_begin), int(window_end), float(pad_value))
-    if use_compiled():
+    if backend_for(backend) == "compiled":
         return torch.ops.sslseg.sw_gather.default(volume, *args)
     return _reference_gather(volume, *args)
 
@@ -80,6 +84,7 @@ def sw_accumulate_(
     importance: Tensor | None = None,
     weight: Tensor | None = None,
     softmax: bool = False,
+    backend: str | None = None,
 ) -> None:
     """Blend the window predictions ``pred`` into ``out`` in place (see the module docstring).
 
@@ -104,11 +109,13 @@ def sw_accumulate_(
             leave the sums unnormalised.
         softmax: Blend ``softmax(pred, dim=1)`` (computed in ``out``'s dtype) instead of ``pred``:
             probabilities blended without a separate softmax pass over the windows.
+        backend: ``"compiled"`` or ``"reference"`` for this call; None (default) follows
+            :func:`sslseg.ops.backend`.
 
     Not differentiable: inference only.
     """
     args = (_ints(starts), _ints(counts), int(window_begin), bool(softmax))
-    if use_compiled():
+    if backend_for(backend) == "compiled":
         torch.ops.sslseg.sw_accumulate_.default(out, pred, importance, weight, *args)
     else:
         _reference_accumulate(out, pred, importance, weight, *args)
@@ -142,8 +149,22 @@ def _check_grid(op: str, nd: int, starts: list[int], counts: list[int]) -> list[
     return per_dim
 
 
-def _window(grid: list[list[int]], roi: list[int], w: int) -> tuple[int, list[int], list[float], list[float]]:
-    """Batch element, start, first_from and last_before of window ``w`` (see sliding_window.h)."""
+def window_origin(starts: Sequence[int], counts: Sequence[int], window: int) -> tuple[int, list[int]]:
+    """Batch element and start (one per spatial dim) of grid window ``window``.
+
+    The grid is the ops' (see the module docstring): ``window`` counts windows of every batch
+    element in C order over the per-dimension starts. The window covers ``[start, start + roi)``
+    along each spatial dim.
+    """
+    grid = _check_grid("window_origin", len(counts), _ints(starts), _ints(counts))
+    if int(window) < 0:
+        raise ValueError(f"window_origin: window must be >= 0, got {window}")
+    b, k = _grid_position(grid, int(window))
+    return b, [s[kd] for s, kd in zip(grid, k)]
+
+
+def _grid_position(grid: list[list[int]], w: int) -> tuple[int, list[int]]:
+    """Batch element of window ``w`` and its index into each dimension's starts."""
     per_batch = 1
     for s in grid:
         per_batch *= len(s)
@@ -153,6 +174,12 @@ def _window(grid: list[list[int]], roi: list[int], w: int) -> tuple[int, list[in
         r, kd = divmod(r, len(s))
         k.append(kd)
     k.reverse()
+    return b, k
+
+
+def _window(grid: list[list[int]], roi: list[int], w: int) -> tuple[int, list[int], list[float], list[float]]:
+    """Batch element, start, first_from and last_before of window ``w`` (see sliding_window.h)."""
+    b, k = _grid_position(grid, w)
     start = [s[kd] for s, kd in zip(grid, k)]
     first_from = [s[kd - 1] + rd if kd > 0 else -float("inf") for s, kd, rd in zip(grid, k, roi)]
     last_before = [s[kd + 1] if kd + 1 < len(s) else float("inf") for s, kd in zip(grid, k)]

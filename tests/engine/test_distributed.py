@@ -22,10 +22,12 @@ import torch
 
 import sslseg.data
 from sslseg.data import Batch
-from sslseg.engine import distributed as dist
-from sslseg.engine import fit
+import sslseg.engine.loop
+from sslseg.engine import Trainer, fit
+from sslseg.engine import distributed as process_group
 from sslseg.engine.checkpoint import load_checkpoint
-from sslseg.engine.loop import _Trainer, combine_validation
+from sslseg.engine.loop import combine_validation
+from sslseg.utils import distributed as dist
 from sslseg.models import create_model
 
 TINY = "synthetic:acdc?cases=6&slices=2&size=32"
@@ -82,8 +84,8 @@ def _fixed_batches(original):
 
 
 def _save_rank_networks(out: Path, rank: int):
-    """Wrap ``_Trainer._finish`` to save this rank's networks before the run ends."""
-    original = _Trainer._finish
+    """Wrap ``Trainer._finish`` to save this rank's networks before the run ends."""
+    original = Trainer._finish
 
     def finish(self):
         torch.save({k: v.state_dict() for k, v in self.method.networks().items()}, Path(self.dir) / f"rank{rank}.pt")
@@ -98,7 +100,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                                          timeout=datetime.timedelta(seconds=120))
     out_dir = Path(out)
     real_loader = sslseg.data.make_train_loader
-    _Trainer._finish = _save_rank_networks(out_dir, rank)
+    Trainer._finish = _save_rank_networks(out_dir, rank)
     try:
         sslseg.data.make_train_loader = _fixed_batches(real_loader)
         for name, options in EQUAL.items():
@@ -184,8 +186,8 @@ def test_ranks_hold_identical_networks_and_rank0_writes_the_run(name, ddp_runs):
 
 def test_without_a_process_group_everything_is_local(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    state, device = dist.init_distributed("cpu")
-    assert state == dist.DistributedState() and not state.enabled and state.is_main and device == torch.device("cpu")
+    state, device = process_group.init_distributed("cpu")
+    assert state == process_group.DistributedState() and not state.enabled and state.is_main and device == torch.device("cpu")
     t = torch.ones(3, requires_grad=True)
     assert dist.all_reduce_mean(t) is t and dist.all_reduce_sum(t) is t
     with dist.global_batch_statistics():
@@ -195,7 +197,7 @@ def test_without_a_process_group_everything_is_local(monkeypatch):
     dist.average_tensors([buf])
     assert torch.equal(buf, torch.arange(3.0))
     dist.barrier()
-    dist.cleanup(state)
+    process_group.cleanup(state)
 
 
 def test_torchrun_environment_errors(monkeypatch):
@@ -204,17 +206,18 @@ def test_torchrun_environment_errors(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="WORLD_SIZE=2 but LOCAL_RANK, MASTER_ADDR, MASTER_PORT is not set; start"):
-        dist.init_distributed("cpu")
+        process_group.init_distributed("cpu")
     monkeypatch.setenv("LOCAL_RANK", "zero")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
     monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(ValueError, match="LOCAL_RANK must be an integer, got 'zero'"):
-        dist.init_distributed("cpu")
+        process_group.init_distributed("cpu")
 
 
 def test_global_batch_must_split_evenly_over_the_ranks(tmp_path, monkeypatch):
     # Rank 0 of 2 as far as the engine knows; every check below fails before the first collective.
-    monkeypatch.setattr(dist, "init_distributed", lambda device: (dist.DistributedState(0, 2), torch.device("cpu")))
+    monkeypatch.setattr(sslseg.engine.loop, "init_distributed",
+                        lambda device: (process_group.DistributedState(0, 2), torch.device("cpu")))
     opts = dict(OPTS, model_options={"channels": [4, 8, 16, 32, 64]})
     with pytest.raises(ValueError, match=r"batch_size=5 must be divisible by the number of processes \(2\)"):
         fit("supervised", TINY, labeled=2, iterations=1, out_dir=tmp_path, engine_options=dict(opts, batch_size=5))

@@ -96,11 +96,11 @@ def test_fit_writes_a_complete_run_dir(tmp_path):
 
 def test_ema_teacher_follows_the_rule(tmp_path):
     """After step t the teacher equals decay_t * teacher + (1 - decay_t) * student, decay_t = min(1 - 1/(t+1), 0.99)."""
-    from sslseg.engine.config import EngineConfig as E
-    from sslseg.engine.loop import _Trainer
+    from sslseg.engine import EngineConfig as E
+    from sslseg.engine import Trainer
 
     cls = get_method("mean_teacher")
-    tr = _Trainer(cls, E(data=TINY, labeled=2, iterations=3, **OPTS), cls.Config(ema_buffers=False), out_dir=tmp_path, resume=False)
+    tr = Trainer(cls, E(data=TINY, labeled=2, iterations=3, **OPTS), cls.Config(ema_buffers=False), out_dir=tmp_path)
     student, teacher = tr.method.nets["student"], tr.method.teachers["teacher"]
     snapshots = []
 
@@ -120,6 +120,24 @@ def test_ema_teacher_follows_the_rule(tmp_path):
     finally:
         cls.after_step = original
     assert snapshots == [0, 1, 2]
+
+
+def test_trainer_is_built_from_a_name_or_a_class(tmp_path):
+    """``Trainer`` (the public builder behind ``fit``) takes a method name or class; bad arguments fail first."""
+    from sslseg.engine import Trainer
+
+    eng = EngineConfig(data=TINY, labeled=2, iterations=1, **OPTS)
+    tr = Trainer("mean_teacher", eng, out_dir=tmp_path / "by-name")
+    assert type(tr.method) is get_method("mean_teacher") and tr.dir == tmp_path / "by-name"
+    assert set(tr.method.nets) == {"student"} and tr.optimizer.param_groups and not (tmp_path / "by-name").exists()
+    with pytest.raises(ValueError, match="mean_teachr"):
+        Trainer("mean_teachr", eng)
+    with pytest.raises(TypeError, match="Trainer: method must be a method name or an SSLMethod subclass, got 3"):
+        Trainer(3, eng)
+    with pytest.raises(TypeError, match="Trainer: engine must be an EngineConfig, got dict"):
+        Trainer("mean_teacher", {"data": TINY})
+    with pytest.raises(TypeError, match="config must be a"):
+        Trainer("mean_teacher", eng, get_method("cps").Config(), out_dir=tmp_path / "wrong-config")
 
 
 def test_methods_are_registered():

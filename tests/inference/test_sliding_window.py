@@ -130,7 +130,9 @@ def test_reference_path_equals_ops(device):
     a = sliding_window(net, vol, (8, 8, 6), sw_batch_size=3)
     b = sliding_window(net, vol, (8, 8, 6), sw_batch_size=3, use_ops=False)
     c = sliding_window(net, vol, (8, 8, 6), sw_batch_size=3, use_ops=False, streaming=True)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The kernel's pred * imp + num may become an FMA (aarch64, nvcc) and the blend cancels: 1e-6.
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # Same reference arithmetic, streamed: exact by construction.
     torch.testing.assert_close(c, b, rtol=0, atol=0)
 
 

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 # Modules with a ``register_cli(subparsers)`` function, in the order of ``sslseg --help``.
 _CLI_MODULES = (
     "sslseg.data.cli",
-    "sslseg.inference.files",
-    "sslseg.exporter",
-    "sslseg.evaluation",
-    "sslseg.sweep",
-    "sslseg.report",
+    "sslseg.app.infer",
+    "sslseg.app.export",
+    "sslseg.app.evaluate",
+    "sslseg.app.sweep",
+    "sslseg.app.report",
 )
 
 
@@ -30,6 +30,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     info = sslseg.ops.build_info()
     print(f"sslseg._C built against torch {info['torch']}, CUDA kernels: {'yes' if info['cuda'] == '1' else 'no'}")
     print(f"running torch {torch.__version__} (CUDA {torch.version.cuda}), GPU available: {torch.cuda.is_available()}")
+    print(f"ops run on: {sslseg.ops.backend()} (SSLSEG_OPS=reference forces the pure-PyTorch twins)")
     for name in sslseg.ops.list_ops():
         keys = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
         print(f"  {name:36s} kernels: {', '.join(keys) or 'backend-independent'}")

@@ -1,8 +1,8 @@
 """Export a trained student to TorchScript, ONNX or a ``torch.export`` program, verified.
 
 :func:`export` writes the evaluated network of a run (the student, stock layers only) with a JSON
-metadata record (classes, patch size, spacing, input normalisation, method, sslseg version, which
-axes are dynamic), then proves the file works before it is put in place: the written file is
+metadata record (classes, patch size, spacing, input normalisation, the data plan, method, sslseg
+version, which axes are dynamic), then proves the file works before it is put in place: the written file is
 loaded back (``torch.jit.load``, an onnxruntime session, ``torch.export.load``) and run on a random
 input, on a real patch of the run's data when that data can be loaded, and, for dynamic exports, on
 a random input of another spatial size; each output is compared with the eager network in float32.
@@ -15,11 +15,16 @@ Where the metadata lives: the TorchScript and ``.pt2`` archives hold it as the e
 ``pipeline=True`` (TorchScript) exports the whole inference instead of the network: a scripted
 module ``forward(volume (C, D, H, W) raw) -> labels (D, H, W) int64`` that normalises, runs the
 network slice-wise (2D) or with the Gaussian sliding window (3D, pure PyTorch, no sslseg operator,
-so it loads in any libtorch), and takes the argmax, exactly as :func:`sslseg.infer` does.
+so it loads in any libtorch), and takes the argmax, exactly as :func:`sslseg.infer` does
+(:class:`sslseg.inference.InferencePipeline`). For a model trained with a plan the module is
+``forward(volume, spacing)``: it contains the plan's crop to nonzero and normalisation and uncrops
+the labels, but does not resample: it refuses a volume whose spacing is not the plan's target
+spacing (the error names both). The network exports' runners (``export/``) do the same from the
+``plan`` in the metadata.
 """
 
-# No `from __future__ import annotations`: TorchScript reads the pipeline's class-level attribute
-# annotations and cannot resolve them from strings.
+from __future__ import annotations
+
 import argparse
 import contextlib
 import copy
@@ -29,14 +34,12 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 
-__all__ = ["EXPORT_FORMAT", "ExportResult", "ExportVerificationError", "InferencePipeline", "export", "read_metadata",
-           "register_cli"]
+__all__ = ["EXPORT_FORMAT", "ExportResult", "ExportVerificationError", "export", "read_metadata", "register_cli"]
 
 #: Version tag of the metadata record; bump when its keys change incompatibly.
 EXPORT_FORMAT = "sslseg-export/1"
@@ -45,11 +48,6 @@ _SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2"
 _METADATA_FILE = "sslseg.json"  # extra file in TorchScript / pt2 archives
 _METADATA_KEY = "sslseg"  # ONNX metadata_props key
 _SPATIAL_NAMES = ("depth", "height", "width")
-# Inference settings shared by sslseg.infer and the pipeline (see sslseg.inference.predict_volume).
-_OVERLAP = 0.5
-_SIGMA_SCALE = 0.125
-_SW_BATCH = 4
-_SLICE_BATCH = 16
 
 
 class ExportVerificationError(ValueError):
@@ -103,7 +101,8 @@ def _geometry(model, record: dict[str, Any]) -> tuple[list[int], list[int] | Non
 
 
 def _metadata(model, record: dict[str, Any], fmt: str, dynamic: bool, pipeline: bool) -> dict[str, Any]:
-    import sslseg
+    from sslseg._version import __version__
+    from sslseg.inference.pipeline import OVERLAP, SIGMA_SCALE, SLICE_BATCH_SIZE, SW_BATCH_SIZE
 
     dim = int(record["dim"])
     divisor, fixed = _geometry(model, record)
@@ -115,7 +114,7 @@ def _metadata(model, record: dict[str, Any], fmt: str, dynamic: bool, pipeline: 
     low = [d * (2 if fmt == "pt2" else 1) for d in divisor]
     meta = {
         "format": EXPORT_FORMAT,
-        "sslseg_version": sslseg.__version__,
+        "sslseg_version": __version__,
         "model": record.get("model", type(model).__name__),
         "method": record.get("method"),
         "data": record.get("data"),
@@ -126,16 +125,19 @@ def _metadata(model, record: dict[str, Any], fmt: str, dynamic: bool, pipeline: 
         "patch_size": [int(p) for p in record["patch_size"]],
         "spacing": record.get("spacing"),
         "intensity": record.get("intensity", "zscore"),
+        # The data plan (sslseg.data.Plan as a dict; None for data used as stored): crop, normalisation
+        # and target spacing, which the runners apply (and whose spacing they enforce).
+        "plan": record.get("plan"),
         "input_layout": "NCHW" if dim == 2 else "NCDHW",
         "input_name": "image",
         "output_name": "logits",
         "dynamic": {"axes": axes, "spatial_multiple": divisor, "spatial_min": low if spatial_dynamic else None},
         "size_divisor": divisor,
         "input_size": fixed,
-        "inference": ({"mode": "slicewise", "slice_batch": _SLICE_BATCH, "resize": "bilinear", "labels_back": "nearest"}
+        "inference": ({"mode": "slicewise", "slice_batch": SLICE_BATCH_SIZE, "resize": "bilinear", "labels_back": "nearest"}
                       if dim == 2 else
-                      {"mode": "sliding_window", "overlap": _OVERLAP, "blend": "gaussian", "sigma_scale": _SIGMA_SCALE,
-                       "sw_batch_size": _SW_BATCH, "activation": "softmax"}),
+                      {"mode": "sliding_window", "overlap": OVERLAP, "blend": "gaussian", "sigma_scale": SIGMA_SCALE,
+                       "sw_batch_size": SW_BATCH_SIZE, "activation": "softmax"}),
         "pipeline": pipeline,
         "file_format": fmt,
     }
@@ -254,7 +256,7 @@ def _loader(fmt: str, path: Path):
     if fmt == "torchscript":
         with _quiet_jit():
             module = torch.jit.load(str(path), map_location="cpu")
-        return lambda x: module(x)
+        return lambda *args: module(*args)
     if fmt == "pt2":
         module = torch.export.load(path).module()
         return lambda x: module(x)
@@ -280,17 +282,34 @@ def _crop_or_pad(x, size: list[int]):
 
 
 def _real_volume(record: dict[str, Any]):
-    """A whole volume ``(C, D, H, W)`` of the record's dataset as the network sees it, or None."""
+    """``(image as stored (C, D, H, W), spacing or None)`` of the first volume of the record's
+    dataset, or None when the data are not here."""
     data = record.get("data")
     if not data:
         return None
     try:
         import sslseg.data
+        from sslseg.data.fingerprint import read_raw
 
         ds = sslseg.data.load(data)
-        return ds.read_volume(ds.volume_ids[0], with_label=False).image.float()
+        rec = ds.raw_record(ds.volume_ids[0])
+        image, _, _ = read_raw(rec, with_label=False)
+        return torch.from_numpy(image), rec.spacing(default=None)
     except Exception:  # noqa: BLE001 - data moved, deleted, or on another machine: verify without it
         return None
+
+
+def _network_view(record: dict[str, Any], real) -> torch.Tensor | None:
+    """A real volume as the network sees it (the model's preprocessing applied), or None."""
+    from sslseg.inference.preprocessing import Preprocessing
+
+    if real is None:
+        return None
+    image, spacing = real
+    pre = Preprocessing.from_record(record)
+    if pre.resamples and spacing is None:
+        return None
+    return pre.prepare(image, spacing).image.float()
 
 
 def _verification_inputs(model, record: dict[str, Any], trace_input, example, dynamic: bool,
@@ -332,8 +351,8 @@ def _verify_network(model, run_file, inputs, fmt: str, atol: float, path: Path) 
     return checks
 
 
-def _verify_pipeline(model, record, run_file, real_volume, path: Path) -> list[dict[str, Any]]:
-    from sslseg.inference.files import infer
+def _verify_pipeline(model, record, run_file, real, path: Path) -> list[dict[str, Any]]:
+    from sslseg.app.infer import infer
 
     patch = [int(p) for p in record["patch_size"]]
     channels = int(record["in_channels"])
@@ -343,14 +362,28 @@ def _verify_pipeline(model, record, run_file, real_volume, path: Path) -> list[d
         shape = [max(patch[0] * 3 // 4, 1), patch[1] + patch[1] // 2, patch[2] + patch[2] // 3]
     else:
         shape = [3, patch[0] + 8, max(patch[1] - 8, 1)]  # resized up and down
-    volumes = [("random", 100.0 + 20.0 * torch.randn(channels, *shape, generator=gen))]
-    if real_volume is not None:
-        volumes.append(("real", real_volume))
+    plan = record.get("plan")
+    planned = plan is not None and not plan.get("identity", False)
+    spacing = [float(s) for s in plan["target_spacing"]] if planned else None
+    random = 100.0 + 20.0 * torch.randn(channels, *shape, generator=gen)
+    if planned:  # a zero border: the crop to nonzero and the uncrop are exercised
+        random = F.pad(random[:, 1:-1, 2:-2, 2:-2], [2, 2, 2, 2, 1, 1]) if min(shape) > 4 else random
+    volumes = [("random", random)]
+    if real is not None:
+        image, real_spacing = real
+        if planned and real_spacing is not None:
+            from sslseg.data.resample import resample_image
+
+            # The pipeline takes scans at the plan's spacing: the real scan, resampled to it.
+            image = torch.from_numpy(resample_image(image.numpy(), real_spacing, spacing))
+            volumes.append(("real", image))
+        elif not planned:
+            volumes.append(("real", image))
     checks = []
     for kind, vol in volumes:
-        expected = infer(model, vol, record=record, device="cpu")
+        expected = infer(model, vol, record=record, device="cpu", spacing=spacing)
         with torch.no_grad():
-            got = run_file(vol)
+            got = run_file(vol) if spacing is None else run_file(vol, spacing)
         if got.shape != expected.shape:
             raise ExportVerificationError(f"export: pipeline {path} returns shape {list(got.shape)} for {kind} volume "
                                           f"{list(vol.shape)}, sslseg.infer {list(expected.shape)}")
@@ -368,7 +401,7 @@ def _verify_pipeline(model, record, run_file, real_volume, path: Path) -> list[d
 
 
 def export(
-    model_or_run: Any,
+    model: Any,
     path: str | os.PathLike,
     format: str | None = None,
     *,
@@ -383,7 +416,7 @@ def export(
     """Export the evaluated network of a run (the student) and verify the written file.
 
     Args:
-        model_or_run: A :class:`~sslseg.engine.Run`, a run directory, a model file
+        model: A :class:`~sslseg.engine.Run`, a run directory, a model file
             (``best_val.pt``), or an ``nn.Module`` from :func:`sslseg.engine.load_model` (any
             other module needs ``record``). The network is copied to the CPU in float32; the
             argument is not modified.
@@ -417,6 +450,7 @@ def export(
             is left at ``path``).
     """
     from sslseg.engine.run import resolve_model
+    from sslseg.inference.pipeline import InferencePipeline
 
     path = Path(path)
     if format is None:
@@ -432,9 +466,8 @@ def export(
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
         raise ValueError(f"export: atol must be a number >= 0, got {atol!r}")
 
-    source, rec, _ = resolve_model(model_or_run, record=record, device="cpu", caller="export",
-                                   argument="model_or_run")
-    model = copy.deepcopy(source).to(device="cpu", dtype=torch.float32).eval()
+    source, rec, _ = resolve_model(model, record=record, device="cpu", caller="export", argument="model")
+    network = copy.deepcopy(source).to(device="cpu", dtype=torch.float32).eval()
     dim, channels = int(rec["dim"]), int(rec["in_channels"])
     patch = [int(p) for p in rec["patch_size"]]
     if example is not None:
@@ -442,7 +475,7 @@ def export(
             raise ValueError(f"export: example must be a tensor (B, {channels}, *spatial) with {dim} spatial axes, got "
                              f"{list(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
         example = example.detach().to("cpu", torch.float32)
-        divisor, fixed = _geometry(model, rec)
+        divisor, fixed = _geometry(network, rec)
         if dynamic and format != "torchscript" and fixed is None and any(
                 s < 2 * d for s, d in zip(example.shape[2:], divisor)):
             # torch.export specialises a size of 1 x the divisor; such an example cannot trace dynamic sizes.
@@ -450,183 +483,41 @@ def export(
                              f"{divisor}, got {list(example.shape[2:])}")
     # torch.export specialises a batch of 1: a dynamic export is traced with 2.
     if example is None:
-        if dynamic and format != "torchscript" and _geometry(model, rec)[1] is None:
+        if dynamic and format != "torchscript" and _geometry(network, rec)[1] is None:
             # torch.export specialises a size of 1 x the divisor (a patch of 16 for a 16-divisible
             # UNet has a bottleneck of size 1): trace such axes at 2 x the divisor instead.
-            patch = [max(p, 2 * d) for p, d in zip(patch, _geometry(model, rec)[0])]
+            patch = [max(p, 2 * d) for p, d in zip(patch, _geometry(network, rec)[0])]
         trace_input = torch.randn(2 if dynamic else 1, channels, *patch)
     else:
         trace_input = example.repeat(2, *[1] * (dim + 1)) if dynamic and example.shape[0] == 1 else example
-    meta = _metadata(model, rec, format, dynamic, pipeline)
+    meta = _metadata(network, rec, format, dynamic, pipeline)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # same folder: os.replace is atomic
     try:
         if pipeline:
-            _write_torchscript(InferencePipeline(model, rec), tmp, meta)
+            _write_torchscript(InferencePipeline(network, rec), tmp, meta)
         elif format == "torchscript":
-            _write_torchscript(model, tmp, meta)
+            _write_torchscript(network, tmp, meta)
         elif format == "pt2":
-            _write_pt2(model, tmp, meta, trace_input, rec, dynamic)
+            _write_pt2(network, tmp, meta, trace_input, rec, dynamic)
         else:
-            _write_onnx(model, tmp, meta, trace_input, rec, dynamic, opset)
+            _write_onnx(network, tmp, meta, trace_input, rec, dynamic, opset)
         checks: list[dict[str, Any]] = []
         if verify:
             run_file = _loader("torchscript" if pipeline else format, tmp)
             real = _real_volume(rec)
             if pipeline:
-                checks = _verify_pipeline(model, rec, run_file, real, path)
+                checks = _verify_pipeline(network, rec, run_file, real, path)
             else:
-                inputs = _verification_inputs(model, rec, trace_input, example, dynamic or format == "torchscript",
-                                              real)
-                checks = _verify_network(model, run_file, inputs, format, float(atol), path)
+                inputs = _verification_inputs(network, rec, trace_input, example, dynamic or format == "torchscript",
+                                              _network_view(rec, real))
+                checks = _verify_network(network, run_file, inputs, format, float(atol), path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return ExportResult(path=path, format=format, metadata=meta, checks=checks)
-
-
-# ---- the whole-inference module ---------------------------------------------------------------------------
-
-
-class InferencePipeline(nn.Module):
-    """Normalisation + slice-wise / sliding-window inference + argmax, as one scriptable module.
-
-    ``forward(volume)`` takes one raw ``(C, D, H, W)`` volume and returns its ``(D, H, W)`` int64
-    label map, computing what :func:`sslseg.infer` computes: the same per-volume normalisation,
-    the same slice batches and resizing (2D), the same window grid (MONAI's, overlap 0.5), window
-    batches, softmax, Gaussian importance map and blending order (3D). Pure PyTorch: the scripted
-    module needs no sslseg operator.
-
-    Args:
-        net: The segmentation network ``(N, C, *patch) -> (N, K, *patch)``.
-        record: Its record (``dim``, ``patch_size``, ``in_channels``, ``num_classes``,
-            ``intensity``).
-    """
-
-    intensity: str
-    dim: int
-    in_channels: int
-    num_classes: int
-    patch: List[int]
-    overlap: float
-    sw_batch_size: int
-    slice_batch: int
-
-    def __init__(self, net: nn.Module, record: Dict[str, Any]) -> None:
-        super().__init__()
-        from sslseg.inference import importance_map
-
-        self.net = net
-        self.intensity = str(record.get("intensity", "zscore"))
-        self.dim = int(record["dim"])
-        self.in_channels = int(record["in_channels"])
-        self.num_classes = int(record["num_classes"])
-        self.patch = [int(p) for p in record["patch_size"]]
-        self.overlap = _OVERLAP
-        self.sw_batch_size = _SW_BATCH
-        self.slice_batch = _SLICE_BATCH
-        # MONAI's Gaussian map of the fixed window, computed once by the sliding window's own code.
-        imp = importance_map(self.patch, "gaussian", _SIGMA_SCALE) if self.dim == 3 else torch.ones(1)
-        self.register_buffer("importance", imp.clone())
-
-    def normalize(self, volume: Tensor) -> Tensor:
-        """``sslseg.data.storage.normalize_intensity``, per channel, in float32."""
-        x = volume.float()
-        if self.intensity == "none":
-            return x
-        out = torch.empty_like(x)
-        for c in range(x.shape[0]):
-            xc = x[c]
-            if self.intensity == "zscore":
-                std = xc.std(unbiased=False)
-                out[c] = (xc - xc.mean()) / torch.where(std > 0, std, torch.ones_like(std))
-            else:
-                lo, hi = xc.min(), xc.max()
-                out[c] = (xc - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        return out
-
-    def window_starts(self, size: int, roi: int) -> List[int]:
-        """Window starts along one padded axis, as ``sslseg.inference.window_grid`` (MONAI's grid)."""
-        if roi == size:
-            interval = roi
-        else:
-            interval = int(roi * (1 - self.overlap))
-            if interval <= 0:
-                interval = 1
-        num = (size + interval - 1) // interval
-        n = 1
-        for k in range(num):
-            if k * interval + roi >= size:
-                n = k + 1
-                break
-        starts: List[int] = []
-        for k in range(n):
-            s = k * interval
-            starts.append(s - max(s + roi - size, 0))
-        return starts
-
-    def slicewise(self, x: Tensor) -> Tensor:
-        """``predict_slicewise(..., output="labels")``."""
-        d, h, w = x.shape[1], x.shape[2], x.shape[3]
-        ph, pw = self.patch[0], self.patch[1]
-        slices = x.permute(1, 0, 2, 3)
-        outs: List[Tensor] = []
-        for start in range(0, d, self.slice_batch):
-            s = slices[start:start + self.slice_batch]
-            if h != ph or w != pw:
-                s = F.interpolate(s, size=[ph, pw], mode="bilinear", align_corners=False)
-            lab = self.net(s).float().argmax(1, keepdim=True).float()
-            if h != ph or w != pw:
-                lab = F.interpolate(lab, size=[h, w], mode="nearest")
-            outs.append(lab[:, 0].long())
-        return torch.cat(outs)
-
-    def sliding(self, x: Tensor) -> Tensor:
-        """``sliding_window(..., mode="gaussian", activation="softmax")`` then argmax."""
-        spatial = [x.shape[1], x.shape[2], x.shape[3]]
-        roi = self.patch
-        padded = [max(s, r) for s, r in zip(spatial, roi)]
-        before = [(p - s) // 2 for s, p in zip(spatial, padded)]
-        pads: List[int] = []
-        for i in [2, 1, 0]:
-            pads += [before[i], padded[i] - spatial[i] - before[i]]
-        v = F.pad(x[None], pads)
-        windows: List[List[int]] = []
-        for a in self.window_starts(padded[0], roi[0]):  # the last axis varies fastest, as in sliding_window
-            for b in self.window_starts(padded[1], roi[1]):
-                for c in self.window_starts(padded[2], roi[2]):
-                    windows.append([a, b, c])
-        acc = torch.zeros([self.num_classes, padded[0], padded[1], padded[2]], dtype=torch.float32, device=x.device)
-        weight = torch.zeros([padded[0], padded[1], padded[2]], dtype=torch.float32, device=x.device)
-        imp = self.importance.to(x.device)
-        for i in range(0, len(windows), self.sw_batch_size):
-            group = windows[i:i + self.sw_batch_size]
-            batch = torch.cat([v[:, :, w[0]:w[0] + roi[0], w[1]:w[1] + roi[1], w[2]:w[2] + roi[2]] for w in group])
-            probs = torch.softmax(self.net(batch).float(), dim=1)
-            for j, w in enumerate(group):
-                acc[:, w[0]:w[0] + roi[0], w[1]:w[1] + roi[1], w[2]:w[2] + roi[2]].add_(probs[j] * imp)
-                weight[w[0]:w[0] + roi[0], w[1]:w[1] + roi[1], w[2]:w[2] + roi[2]].add_(imp)
-        blended = acc / weight
-        crop = blended[:, before[0]:before[0] + spatial[0], before[1]:before[1] + spatial[1],
-                       before[2]:before[2] + spatial[2]]
-        return crop.argmax(0)
-
-    def forward(self, volume: Tensor) -> Tensor:
-        """Label map ``(D, H, W)`` int64 of one raw ``(C, D, H, W)`` volume."""
-        if volume.dim() != 4:
-            raise ValueError(f"sslseg pipeline: volume must be (C, D, H, W), got shape {list(volume.shape)}")
-        if volume.shape[0] != self.in_channels:
-            raise ValueError(f"sslseg pipeline: volume must have {self.in_channels} channel(s) on axis 0, got shape "
-                             f"{list(volume.shape)}")
-        if not bool(torch.isfinite(volume).all()):
-            raise ValueError("sslseg pipeline: volume contains NaN or Inf voxels")
-        with torch.no_grad():
-            x = self.normalize(volume)
-            if self.dim == 2:
-                return self.slicewise(x)
-            return self.sliding(x)
 
 
 # ---- command line -----------------------------------------------------------------------------------------

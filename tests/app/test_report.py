@@ -1,4 +1,4 @@
-"""Tests of ``sslseg.report``: aggregation against hand-computed means and stds on fabricated run
+"""Tests of ``sslseg.app.report``: aggregation against hand-computed means and stds on fabricated run
 directories, the markdown and CSV content, the plots, and the errors."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import sslseg
-import sslseg.report as report_module
-from sslseg.cli import main
-from sslseg.evaluation import EvaluationResult
-from sslseg.report import report
-from sslseg.sweep import sweep
+import sslseg.app.report as report_module
+from sslseg.app.cli import main
+from sslseg.app.evaluate import EvaluationResult
+from sslseg.app.report import report
+from sslseg.app.sweep import sweep
 
 ACDC = "synthetic:acdc?cases=6&slices=2&size=32"
 TINY = {"batch_size": 4, "labeled_bs": 2, "val_every": 2, "log_every": 1, "patch_size": [32, 32], "progress": False}

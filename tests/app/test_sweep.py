@@ -1,4 +1,4 @@
-"""Tests of ``sslseg.sweep``: the grid, run names, the manifest, skipping and resuming, emitted
+"""Tests of ``sslseg.app.sweep``: the grid, run names, the manifest, skipping and resuming, emitted
 command lines, local execution (one real tiny sweep) and every bad input."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import sslseg
-from sslseg.cli import main
-from sslseg.sweep import Cell, data_tag, expand_grid, load_manifest, parse_labeled, sweep
+from sslseg.app.cli import main
+from sslseg.app.sweep import Cell, data_tag, expand_grid, load_manifest, parse_labeled, sweep
 
 ACDC = "synthetic:acdc?cases=6&slices=2&size=32"
 LA = "synthetic:la?cases=4&size=32"

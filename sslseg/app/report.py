@@ -1,8 +1,8 @@
 """``sslseg report SWEEP_DIR``: a sweep's runs aggregated into tables and plots.
 
-Every finished run of a sweep (see :mod:`sslseg.sweep`) holds ``evaluation_<split>.json``. For each
+Every finished run of a sweep (see :mod:`sslseg.app.sweep`) holds ``evaluation_<split>.json``. For each
 run the overall test means are taken (each volume's mean over its foreground classes, averaged over
-the volumes; see :mod:`sslseg.evaluation`), then the runs of one (data, labeled, method) cell are
+the volumes; see :mod:`sslseg.app.evaluate`), then the runs of one (data, labeled, method) cell are
 aggregated over seeds and folds: mean and sample standard deviation (``ddof=1``; 0 when there is a
 single run). ``supervised`` at a labeled count is the lower bound of its group, ``supervised`` on
 every training case (``labeled="all"``) the upper bound, and each method's Dice is compared with
@@ -94,7 +94,7 @@ def _training_seconds(run_dir: Path) -> float:
 
 def _read_runs(root: Path, manifest: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     from sslseg.data.splits import Split
-    from sslseg.evaluation import EvaluationResult
+    from sslseg.app.evaluate import EvaluationResult
 
     runs, missing = [], []
     for name, entry in manifest["runs"].items():
@@ -368,7 +368,7 @@ def report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
     """Aggregate a sweep into ``report.md``, ``report.csv`` and plots.
 
     Args:
-        sweep_dir: A directory written by :func:`sslseg.sweep.sweep` (holds ``sweep.json``).
+        sweep_dir: A directory written by :func:`sslseg.app.sweep.sweep` (holds ``sweep.json``).
         out: Where to write (default ``sweep_dir``).
         plots: Write ``dice_vs_labeled.png`` (needs matplotlib; skipped with a note otherwise).
         overlays: Also write ``overlays_<data>.png`` (predicts one test volume per method).
@@ -383,7 +383,7 @@ def report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
         ValueError: no run of the sweep has been evaluated yet, or the runs were evaluated
             with different protocols (units, empty policy, split or TTA).
     """
-    from sslseg.sweep import data_tag, load_manifest
+    from sslseg.app.sweep import data_tag, load_manifest
 
     root = Path(sweep_dir)
     manifest = load_manifest(root)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import sslseg
-from sslseg.cli import main
+from sslseg.app.cli import main
 from sslseg.data import DataError, load, make_synthetic
 from sslseg.engine.validation import validate
-from sslseg.evaluation import EvaluationResult, evaluate
+from sslseg.app.evaluate import EvaluationResult, evaluate
 from sslseg.metrics import image_diagonal
 
 ACDC = "synthetic:acdc?cases=6&slices=2&size=32"
@@ -251,7 +251,7 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_bad_model_argument():
-    with pytest.raises(TypeError, match="model_or_run must be a Run, a run directory"):
+    with pytest.raises(TypeError, match="model must be a Run, a run directory"):
         evaluate(42, ACDC)
 
 

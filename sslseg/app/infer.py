@@ -1,9 +1,17 @@
 """Inference on arrays and files: :func:`infer` and the ``sslseg infer`` command.
 
-A trained network segments raw volumes the way it was validated: the input is normalised with the
-per-volume intensity mode stored with the model (``zscore``, ``minmax`` or ``none``), then
-:func:`~sslseg.inference.predict_volume` runs it slice-wise (2D networks) or with a Gaussian
-sliding window (3D networks). Files come back in their own format and geometry:
+A trained network segments volumes as stored the way it was trained and evaluated, through the
+model's :class:`~sslseg.inference.Preprocessing` (the one input path of ``sslseg.evaluate`` too):
+
+* a model trained on a NIfTI folder with a plan: crop to nonzero, the plan's normalisation,
+  resampling to the plan's spacing, slice-wise (2D) or sliding-window (3D) prediction, class
+  probabilities resampled back onto the input's grid and uncropped, argmax;
+* a model trained on SSL4MIS h5 layouts or phantoms (stored normalised): the input as it is;
+* a model trained on a NIfTI folder without a plan: its per-volume mode (``zscore``/``minmax``).
+
+``intensity=`` overrides the per-volume mode of a model without a plan (e.g. ``minmax`` to feed
+a raw NIfTI scan to a model trained on ACDC h5 files). Files come back in their own format and
+geometry (the label map always has the input's shape):
 
 * NIfTI (``.nii``, ``.nii.gz``): the label map is written with the input's affine and header
   (voxel for voxel, ``uint8`` labels, ``int16`` beyond 256 classes); nnU-Net channel files
@@ -162,6 +170,8 @@ def _check_spacing(spacing: Any, name: str = "spacing") -> tuple[float, float, f
 
 def _warn_spacing(where: str, spacing: Sequence[float] | None, record: dict[str, Any]) -> None:
     trained = record.get("spacing")
+    if record.get("plan") is not None:
+        return  # a planned model resamples every input to its plan's spacing
     if record["dim"] != 3 or spacing is None or not trained or len(trained) != len(spacing):
         return  # 2D networks see resized slices; without both spacings there is nothing to compare
     if any(abs(s - t) > _SPACING_TOLERANCE * t for s, t in zip(spacing, trained)):
@@ -171,25 +181,24 @@ def _warn_spacing(where: str, spacing: Sequence[float] | None, record: dict[str,
                       "so resample the input to the training spacing for reliable results", stacklevel=3)
 
 
-def _predict(model, image: np.ndarray, record: dict[str, Any], *, intensity: str, probabilities: bool, tta: bool,
-             device, where: str):
-    """Labels ``(D, H, W)`` int64 (and probabilities ``(K, D, H, W)``) on ``device``."""
+def _predict(model, image: np.ndarray, record: dict[str, Any], *, preprocessing, spacing, probabilities: bool,
+             tta: bool, device, where: str):
+    """Labels ``(D, H, W)`` int64 (and probabilities ``(K, D, H, W)``) on ``device``, on the input's grid."""
     import torch
 
-    from sslseg.data.storage import normalize_intensity
     from sslseg.inference.predict import check_image, predict_volume
 
     # The raw input is checked before normalisation, so that a NaN voxel is reported as one voxel and
     # not as the whole volume it would spread to.
     check_image(torch.from_numpy(image), int(record["in_channels"]), where)
-    x = torch.from_numpy(normalize_intensity(image, intensity)).to(device)
+    x = torch.from_numpy(image).to(device)
     kwargs = dict(dim=int(record["dim"]), patch_size=[int(p) for p in record["patch_size"]], tta=tta,
-                  in_channels=int(record["in_channels"]), name=where)
+                  in_channels=int(record["in_channels"]), name=where, preprocessing=preprocessing, spacing=spacing)
     if not probabilities:
         return predict_volume(model, x, output="labels", **kwargs), None
     probs = predict_volume(model, x, output="probs", **kwargs)
-    if record["dim"] == 3:
-        return probs.argmax(0), probs  # 3D labels are the argmax of the blended probabilities
+    if record["dim"] == 3 or preprocessing.resamples:
+        return probs.argmax(0), probs  # labels are the argmax of the (blended, resampled) probabilities
     # 2D labels come from the network-resolution argmax (the evaluation protocol), probabilities
     # are resized bilinearly: two passes keep the labels equal to a run without probabilities.
     return predict_volume(model, x, output="labels", **kwargs), probs
@@ -285,7 +294,7 @@ def _save_nifti(path: Path, data: np.ndarray, reference: Any) -> None:
 
 
 def infer(
-    model_or_path: Any,
+    model: Any,
     inputs: Any,
     out: str | os.PathLike | None = None,
     *,
@@ -300,7 +309,7 @@ def infer(
     """Segment volumes given as arrays or files with a trained network.
 
     Args:
-        model_or_path: A :class:`~sslseg.engine.Run`, a run directory, a model file
+        model: A :class:`~sslseg.engine.Run`, a run directory, a model file
             (``best_val.pt``), or an ``nn.Module`` returned by :func:`sslseg.engine.load_model`
             (e.g. ``run.model``); any other module needs ``record``.
         inputs: A volume (tensor or numpy array, ``(C, D, H, W)`` or ``(D, H, W)``, raw
@@ -311,15 +320,17 @@ def infer(
         tta: Flip test-time augmentation (see :func:`~sslseg.inference.predict_volume`).
         device: Device to run on. Default: the module's device, or CUDA when available for a
             model loaded from a path. A module on another device is moved there (in place).
-        intensity: Override the stored normalisation: ``zscore``, ``minmax``, or ``none`` for
-            inputs that are already normalised.
+        intensity: Override the per-volume normalisation of a model without a plan: ``zscore``,
+            ``minmax``, or ``none`` for inputs that are already normalised (the default for
+            models trained on SSL4MIS h5 files). A planned model refuses it (its plan normalises).
         record: Geometry and normalisation of a module that has none attached (keys ``dim``,
             ``patch_size``, ``in_channels``, ``num_classes``, ``intensity``).
         progress: Show a progress bar over files (default: only on a terminal).
-        spacing: Voxel spacing ``(D, H, W)`` in mm of an array input (NIfTI and h5 files carry
-            their own); the prediction does not depend on it (sslseg does not resample), but a 3D
-            input whose spacing is more than 25% off the training spacing triggers a warning, and
-            h5 outputs store it.
+        spacing: Voxel spacing ``(D, H, W)`` in mm of an array input, or of files that store none
+            (``.npy``; h5 without a ``spacing`` attribute; NIfTI files always carry their own). A
+            planned model needs it (the input is resampled to the plan's spacing
+            and the prediction back); for other models a 3D input more than 25% off the training
+            spacing triggers a warning, and h5 outputs store it.
 
     Returns:
         For an array: the label map ``(D, H, W)`` int64 tensor (on the input's device for a
@@ -329,7 +340,7 @@ def infer(
     Raises:
         ValueError: wrong dims or channel count, NaN/Inf voxels, unreadable or unknown files,
             missing ``out`` for files, a model file of another format version, a bad ``intensity``.
-        TypeError: an unsupported ``model_or_path`` or ``inputs``.
+        TypeError: an unsupported ``model`` or ``inputs``.
         FileNotFoundError: a missing model, input or channel file.
     """
     import torch
@@ -339,14 +350,17 @@ def infer(
 
     from sslseg.engine.run import resolve_model
 
-    model, rec, _ = resolve_model(model_or_path, record=record, device=device, caller="infer")
-    mode = intensity if intensity is not None else rec.get("intensity", "zscore")
-    check_choice("intensity", mode, INTENSITY_MODES)
+    from sslseg.inference.preprocessing import Preprocessing
+
+    network, rec, _ = resolve_model(model, record=record, device=device, caller="infer", argument="model")
+    if intensity is not None:
+        check_choice("intensity", intensity, INTENSITY_MODES)
+    preprocessing = Preprocessing.from_record(rec, intensity)
     spacing = _check_spacing(spacing)
     if device is not None:
-        model.to(device)
-    run_device = torch.device(device) if device is not None else _model_device(model)
-    options = dict(intensity=mode, probabilities=bool(probabilities), tta=bool(tta), device=run_device)
+        network.to(device)
+    run_device = torch.device(device) if device is not None else _model_device(network)
+    options = dict(preprocessing=preprocessing, probabilities=bool(probabilities), tta=bool(tta), device=run_device)
 
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         if out is not None:
@@ -357,8 +371,8 @@ def infer(
             raise TypeError(f"infer: inputs must hold real numbers, got dtype {array.dtype}")
         image = _as_volume(array, "inputs")
         _warn_spacing("inputs", spacing, rec)
-        with _eval_mode(model):
-            labels, probs = _predict(model, image, rec, where="inputs", **options)
+        with _eval_mode(network):
+            labels, probs = _predict(network, image, rec, where="inputs", spacing=spacing, **options)
         target = inputs.device if isinstance(inputs, torch.Tensor) else torch.device("cpu")
         labels = labels.to(target)
         return labels if probs is None else (labels, probs.to(target))
@@ -384,7 +398,7 @@ def infer(
     from tqdm.auto import tqdm
 
     written: list[Path] = []
-    with _eval_mode(model):
+    with _eval_mode(network):
         bar = tqdm(cases, desc="infer", unit="case", disable=None if progress is None else not progress)
         for case, targets in zip(bar, planned):
             image, stored_spacing, reference = _read_case(case)
@@ -393,7 +407,7 @@ def infer(
                 raise ValueError(f"infer: {where} must hold a volume (D, H, W) or (C, D, H, W), got an image of "
                                  f"{image.ndim - 1} spatial dims (read as shape {list(image.shape)})")
             _warn_spacing(where, stored_spacing or spacing, rec)
-            labels, probs = _predict(model, image, rec, where=where, **options)
+            labels, probs = _predict(network, image, rec, where=where, spacing=stored_spacing or spacing, **options)
             _write_case(case, targets, labels.cpu().numpy(), None if probs is None else probs.cpu().numpy(), reference,
                         int(rec["num_classes"]), stored_spacing or spacing)
             written.extend(targets)
@@ -420,7 +434,7 @@ def _check_collisions(cases: list[_Case], planned: list[list[Path]]) -> None:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     written = infer(args.model, args.inputs, args.out, probabilities=args.probabilities, tta=args.tta,
-                    device=args.device, intensity=args.intensity, progress=None)
+                    device=args.device, intensity=args.intensity, progress=None, spacing=args.spacing)
     for path in written:
         print(path)
     return 0
@@ -439,5 +453,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--intensity", default=None, choices=("zscore", "minmax", "none"),
-                   help="override the stored normalisation (none: inputs are already normalised)")
+                   help="override the per-volume normalisation of a model without a plan (none: inputs already "
+                        "normalised, the default for models trained on h5 files)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="voxel spacing in mm of inputs that store none (.npy, h5 without a spacing attribute); "
+                        "needed by models trained with a plan, which resample every input to their spacing")
     p.set_defaults(func=_cmd_infer)

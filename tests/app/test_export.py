@@ -2,7 +2,7 @@
 verification (which must be able to fail), dynamic shapes, the whole-inference pipeline, the CLI
 and bad input.
 
-The runs are the tiny 2D and 3D runs of ``tests/inference/test_files.py`` (narrow networks, so
+The runs are the tiny 2D and 3D runs of ``tests/app/test_infer.py`` (narrow networks, so
 that tracing stays cheap); each (dim, format) file is exported once for the module.
 """
 
@@ -16,16 +16,16 @@ import torch
 from torch import nn
 
 import sslseg
-from sslseg.cli import main
-from sslseg.exporter import EXPORT_FORMAT, ExportVerificationError, InferencePipeline, read_metadata
-from sslseg.inference import window_grid
-from tests.inference.test_files import _volume
+from sslseg.app.cli import main
+from sslseg.app.export import EXPORT_FORMAT, ExportVerificationError, read_metadata
+from sslseg.inference import InferencePipeline, window_grid
+from tests.app.test_infer import _volume
 
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
 METADATA_KEYS = {
     "format", "sslseg_version", "model", "method", "data", "dim", "in_channels", "num_classes", "class_names",
     "patch_size", "spacing", "intensity", "input_layout", "input_name", "output_name", "dynamic", "size_divisor",
-    "input_size", "inference", "pipeline", "file_format",
+    "input_size", "inference", "pipeline", "file_format", "plan",
 }
 TINY_RECORD = dict(dim=2, patch_size=[8, 8], in_channels=1, num_classes=2, intensity="none")
 

@@ -1,8 +1,11 @@
 """``sslseg.evaluate`` and ``sslseg evaluate``: a trained model scored on a split, per case and class.
 
-Every volume of the chosen cases is predicted as in validation (:func:`sslseg.inference.predict_volume`:
-2D networks slice by slice, 3D networks by Gaussian sliding window, optional flip test-time
-augmentation) and scored by :func:`sslseg.metrics.segmentation_metrics` per foreground class:
+Every volume of the chosen cases is read as stored and predicted through the model's
+preprocessing (:func:`sslseg.inference.predict_volume` with :class:`~sslseg.inference.Preprocessing`,
+exactly what ``sslseg infer`` does to the same file: for a model trained with a plan, crop,
+normalise, resample to the plan's spacing, predict, resample the probabilities back; 2D networks
+slice by slice, 3D networks by Gaussian sliding window, optional flip test-time augmentation) and
+scored on the volume's own grid against its own labels by :func:`sslseg.metrics.segmentation_metrics` per foreground class:
 Dice, Jaccard, HD95 and ASD, distances in mm from the voxel spacing. Empty masks follow the
 evaluation protocol (DESIGN.md section 5): ``"penalty"`` (default; both empty -> Dice 1, distance
 0; exactly one empty -> Dice 0, distance = the image diagonal), or ``"nan"`` / ``"zero"`` to
@@ -243,7 +246,7 @@ def _resolve_model(
     try:
         model, rec, ckpt = resolve_model(model_or_run, record=overrides, device=device, checkpoint=checkpoint,
                                          required=("dim", "patch_size"), caller="evaluate",
-                                         argument="model_or_run")
+                                         argument="model")
     except ValueError as exc:
         if "record" not in str(exc):
             raise
@@ -293,23 +296,32 @@ def _resolve_cases(ds: Any, split: str, cases: Sequence[str] | None, run_dir: Pa
     return chosen, source
 
 
-def _read(ds: Any, volume_id: str):
-    """Read a volume with its label; any failure names the volume and its file."""
-    from sslseg.data.errors import DataError
+def _read(ds: Any, volume_id: str, num_classes: int) -> tuple[Any, Any, tuple[float, ...] | None]:
+    """``(image, label, stored spacing or None)`` of a volume as stored (the model's preprocessing
+    is applied by the prediction, as for ``sslseg infer``); any failure names the volume and its file."""
+    import numpy as np
+    import torch
 
+    from sslseg.data.errors import DataError
+    from sslseg.data.fingerprint import read_raw
+
+    rec = ds.raw_record(volume_id)
     try:
-        return ds.read_volume(volume_id, with_label=True)
+        image, label, _ = read_raw(rec, num_classes)
     except Exception as exc:  # h5py/nibabel/OS errors: one line that names the file
-        location = ds.record(volume_id).location
+        location = rec.location
         text = str(exc) if location in str(exc) else f"{location}: {exc}"
         raise DataError(f"evaluate: cannot read volume {volume_id!r}: {text}") from exc
+    if label is None:
+        raise DataError(f"evaluate: volume {volume_id!r} ({rec.location}) has no label to score against")
+    return torch.from_numpy(image), torch.from_numpy(np.asarray(label, dtype=np.int64)), rec.spacing(default=None)
 
 
 def _volume_spacing(ds: Any, volume_id: str, override: list[float] | None) -> tuple[list[float], str]:
     """-> (spacing, source): the argument, the data's (stored or given to load()), else voxels."""
     if override is not None:
         return override, "argument"
-    stored = ds.record(volume_id).spacing(default=())
+    stored = ds.raw_record(volume_id).spacing(default=())
     if stored:
         return [float(v) for v in stored], "data"
     return [1.0, 1.0, 1.0], "none"
@@ -333,7 +345,7 @@ def _summarize(rows: list[dict[str, Any]], classes: list[str], metrics: list[str
 
 
 def evaluate(
-    model_or_run: Any,
+    model: Any,
     data: Any = None,
     *,
     split: str = "test",
@@ -354,7 +366,7 @@ def evaluate(
     """Score a trained model per case and class on a split, with the evaluation protocol's empty policy.
 
     Args:
-        model_or_run: A :class:`sslseg.Run`, a run directory (its ``best_val.pt``), a model file
+        model: A :class:`sslseg.Run`, a run directory (its ``best_val.pt``), a model file
             written by ``sslseg fit`` (``best_val.pt``), or an ``nn.Module`` (then pass ``record=``
             or ``dim=`` and ``patch_size=``, and ``data=``).
         data: A dataset spec (folder or ``synthetic:...``) or a loaded ``CaseDataset``; default the
@@ -398,9 +410,10 @@ def evaluate(
     """
     import torch
 
-    import sslseg
+    from sslseg._version import __version__
     from sslseg.data import load
     from sslseg.inference.predict import predict_volume
+    from sslseg.inference.preprocessing import Preprocessing
     from sslseg.metrics import segmentation_metrics
 
     metric_names, spacing_override = _check_options(split, empty_policy, metrics, spacing, batch_size, tta)
@@ -408,7 +421,7 @@ def evaluate(
         raise TypeError(f"evaluate: out must be a folder path, None or False, got {type(out).__name__}")
     if out is True:
         raise ValueError("evaluate: out must be a folder path, None or False, got True")
-    model, rec, run_dir, ckpt, device = _resolve_model(model_or_run, device, record, dim, patch_size, checkpoint)
+    network, rec, run_dir, ckpt, device = _resolve_model(model, device, record, dim, patch_size, checkpoint)
 
     if data is None:
         data = rec.get("data")
@@ -426,26 +439,30 @@ def evaluate(
     split_name = split if cases is None else "cases"
     names = list(ds.class_names or rec.get("class_names") or [f"class{i}" for i in range(num_classes)])
     in_channels = rec.get("in_channels")
+    preprocessing = Preprocessing.from_record(rec)
 
     rows: list[dict[str, Any]] = []
     volume_ids: list[str] = []
     sources: set[str] = set()
     volume_means: dict[str, list[float]] = {m: [] for m in metric_names}
-    was_training = model.training
-    model.eval()
+    was_training = network.training
+    network.eval()
     try:
         for case in case_ids:
             for vid in ds.volumes_of(case):
-                vol = _read(ds, vid)
+                image, label, stored_spacing = _read(ds, vid, num_classes)
                 volume_ids.append(vid)
-                where = f"volume {vid!r} ({ds.record(vid).location})"
-                pred = predict_volume(model, vol.image.to(device), dim=rec["dim"], patch_size=list(rec["patch_size"]),
-                                      tta=tta, overlap=overlap, sw_batch_size=batch_size, in_channels=in_channels,
-                                      name=where).cpu()
+                where = f"volume {vid!r} ({ds.raw_record(vid).location})"
                 vsp, source = _volume_spacing(ds, vid, spacing_override)
                 sources.add(source)
+                # The scan as stored, through the model's preprocessing (the plan's crop, normalisation
+                # and resampling, mapped back): scored on its own grid with its own spacing.
+                pred = predict_volume(network, image.to(device), dim=rec["dim"], patch_size=list(rec["patch_size"]),
+                                      tta=tta, overlap=overlap, sw_batch_size=batch_size, in_channels=in_channels,
+                                      name=where, preprocessing=preprocessing,
+                                      spacing=stored_spacing or (vsp if source != "none" else None)).cpu()
                 try:
-                    scores = segmentation_metrics(pred, vol.label, vsp, metrics=metric_names, num_classes=num_classes,
+                    scores = segmentation_metrics(pred, label, vsp, metrics=metric_names, num_classes=num_classes,
                                                   empty_policy=empty_policy)
                 except ValueError as exc:
                     raise ValueError(f"evaluate: {where}: {exc}") from exc
@@ -458,7 +475,7 @@ def evaluate(
                 for m in metric_names:
                     volume_means[m].append(float(torch.nanmean(scores[m].value)))
     finally:
-        model.train(was_training)
+        network.train(was_training)
 
     summary, empty = _summarize(rows, names[1:], metric_names, volume_means)
     units = "mm" if "none" not in sources else ("voxels" if sources == {"none"} else "mixed")
@@ -487,6 +504,9 @@ def evaluate(
         "patch_size": list(rec["patch_size"]),
         "overlap": overlap if rec["dim"] == 3 else None,
         "model": rec.get("model"),
+        "preprocessing": ("plan: crop, normalise, resample to " f"{preprocessing.plan.target_spacing} mm, "
+                          "probabilities resampled back; scored on each volume's own grid and spacing")
+        if preprocessing.plan is not None else f"per-volume intensity {preprocessing.intensity!r}",
         "method": rec.get("method"),
         "data": ds.name,
         "class_names": names,
@@ -494,12 +514,12 @@ def evaluate(
         "checkpoint_kind": checkpoint,
         "run_dir": str(run_dir) if run_dir is not None else None,
         "device": str(device),
-        "sslseg_version": sslseg.__version__,
+        "sslseg_version": __version__,
         "model_sslseg_version": rec.get("sslseg_version"),
     }
     result = EvaluationResult(rows=rows, summary=summary, empty=empty, settings=settings)
     target = out if isinstance(out, (str, os.PathLike)) else None
-    if out is None and _is_run(model_or_run):
+    if out is None and _is_run(model):
         target = run_dir
     if target is not None:
         result.save(target)

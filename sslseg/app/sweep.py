@@ -444,10 +444,10 @@ class _Manifest:
             self.save()
 
     def save(self) -> None:
-        import sslseg
+        from sslseg._version import __version__
 
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.data["sslseg_version"] = sslseg.__version__
+        self.data["sslseg_version"] = __version__
         _write_json(self.path, self.data)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sslseg
-from sslseg.cli import main
+from sslseg.app.cli import main
 from sslseg.data.storage import normalize_intensity
 from sslseg.engine.run import MODEL_FORMAT, model_record
 from sslseg.inference import predict_volume
@@ -219,7 +219,7 @@ def test_bad_arrays(runs):
         sslseg.infer(model, _volume((16, 16, 16)), out="somewhere")
     with pytest.raises(TypeError, match="inputs must be a tensor/array volume, a path"):
         sslseg.infer(model, [1, 2, 3])
-    with pytest.raises(TypeError, match="model_or_path must be a Run"):
+    with pytest.raises(TypeError, match="model must be a Run"):
         sslseg.infer(42, _volume((16, 16, 16)))
 
 
