@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -295,6 +296,22 @@ class RandAugment:
 PolicyStep = tuple[str, tuple[float, ...]]
 
 
+def probe_proximity(probs: Tensor, labels: Tensor) -> Tensor:
+    """CTAugment's per-sample reward ``1 - 0.5 * mean_voxels sum_c |p_c - onehot(y)_c|``.
+
+    For probabilities this is the mean probability given to the true class.
+
+    Args:
+        probs: ``(B, C, *spatial)`` class probabilities of the probed (augmented) samples.
+        labels: ``(B, *spatial)`` integer labels.
+
+    Returns:
+        ``(B,)`` float32 rewards in ``[0, 1]``.
+    """
+    p_true = probs.float().gather(1, labels.long().unsqueeze(1)).squeeze(1)
+    return p_true.flatten(1).mean(1)
+
+
 class CTAugment:
     """Control-theory augmentation (FixMatch-CTA): op magnitudes adapt to the model's accuracy.
 
@@ -307,6 +324,11 @@ class CTAugment:
     2D only); strong policies from photometric ops (image only). Unlike SSL4MIS, cutout is
     drawn with its own generator-backed randomness and never touches the label, and translations
     are a fraction of the size rather than of a pixel.
+
+    Rewards may be deferred, so that a training step never waits for the device: :meth:`record`
+    keeps the policies of a probed batch with their rewards (a device tensor, e.g.
+    :func:`probe_proximity`), and :meth:`apply_pending` applies everything recorded in one host
+    copy (across processes with a ``gather``, so the rates stay identical on every rank).
 
     Args:
         depth: ops per policy.
@@ -322,6 +344,8 @@ class CTAugment:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         self.depth, self.threshold, self.decay = depth, float(threshold), float(decay)
         self.rates: dict[str, np.ndarray] = {name: np.ones(op.bins) for name, op in ALL_OPS.items()}
+        # Recorded, not yet applied rewards: (policies of one probed batch, their (B,) rewards).
+        self.pending: list[tuple[list[list[PolicyStep]], Tensor]] = []
 
     def _probs(self, rate: np.ndarray) -> np.ndarray:
         p = rate + (1 - self.decay)
@@ -380,8 +404,48 @@ class CTAugment:
             i = int(values[0] * len(rate) * 0.999)
             rate[i] = rate[i] * self.decay + float(proximity) * (1 - self.decay)
 
+    def record(self, policies: Sequence[Sequence[PolicyStep]], proximity: Tensor) -> None:
+        """Keep the rewards of one probed batch for a later :meth:`apply_pending` (no host sync).
+
+        Args:
+            policies: The policy of each probed sample.
+            proximity: ``(B,)`` rewards in ``[0, 1]``, one per policy, on any device.
+        """
+        if proximity.dim() != 1 or proximity.shape[0] != len(policies):
+            raise ValueError(f"CTAugment.record: proximity must be (B,) with B = {len(policies)} policies, "
+                             f"got shape {tuple(proximity.shape)}")
+        self.pending.append(([list(p) for p in policies], proximity.detach()))
+
+    def apply_pending(self, gather: Callable[[Any], list[Any]] | None = None) -> None:
+        """Apply the recorded rewards with :meth:`update_rates` (one host copy), then forget them.
+
+        Args:
+            gather: Under DDP, an all-gather of Python objects (``[obj of each rank]``): every
+                rank's rewards are applied, in rank order, on every rank, so the rates stay
+                identical across ranks. Every rank must call it at the same step.
+        """
+        if not self.pending and gather is None:
+            return
+        policies = [pol for pols, _ in self.pending for pol in pols]
+        proximities = torch.cat([p for _, p in self.pending]).tolist() if self.pending else []
+        shards = gather((policies, proximities)) if gather is not None else [(policies, proximities)]
+        for shard_policies, shard_proximities in shards:
+            for pol, prox in zip(shard_policies, shard_proximities):
+                self.update_rates(pol, prox)
+        self.pending = []
+
+    def pending_state(self) -> list:
+        """The recorded rewards as plain lists and CPU tensors, for checkpoints."""
+        return [[[[[name, list(values)] for name, values in pol] for pol in pols], prox.detach().cpu()]
+                for pols, prox in self.pending]
+
+    def load_pending_state(self, state: list, device: torch.device | str | None = None) -> None:
+        """Inverse of :meth:`pending_state`; rewards go to ``device``."""
+        self.pending = [([[(name, tuple(values)) for name, values in pol] for pol in pols], prox.to(device))
+                        for pols, prox in state]
+
     def state_dict(self) -> dict:
-        """Rates and settings, for checkpoints."""
+        """Rates and settings, for checkpoints (recorded rewards: :meth:`pending_state`)."""
         return {
             "depth": self.depth,
             "threshold": self.threshold,

@@ -1,12 +1,9 @@
 """Semi-supervised methods: one small registered class per module (see ``sslseg.methods.base``).
 
-Importing this package imports every module in it, which registers the methods;
+Importing this package imports the method modules listed below, which registers the methods;
 ``list_methods()`` lists them. Adding a method is adding one module with a
-``@register_method("name")`` class.
+``@register_method("name")`` class and its line here.
 """
-
-import importlib
-import pkgutil
 
 from sslseg.methods.base import (
     MethodConfig,
@@ -17,11 +14,28 @@ from sslseg.methods.base import (
     get_method,
     list_methods,
     register_method,
+    split_labeled,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_") and _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+# Importing the method modules registers them.
+from sslseg.methods import (  # noqa: E402,F401  (isort: skip)
+    adversarial,
+    bcp,
+    cct,
+    cps,
+    ctct,
+    dtc,
+    entropy_min,
+    fixmatch,
+    ict,
+    mean_teacher,
+    rdrop,
+    rotation_consistency,
+    supervised,
+    uamt,
+    unimatch,
+    urpc,
+)
 
 __all__ = ["MethodConfig", "NetworkSpec", "SSLMethod", "StepContext", "StepOutput", "get_method", "list_methods",
-           "register_method"]
+           "register_method", "split_labeled"]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["AdversarialNetwork", "discriminator_targets"]
 
@@ -78,14 +78,10 @@ class AdversarialNetwork(SSLMethod):
         self._images: tuple[Tensor, Tensor] | None = None
 
     def build(self) -> None:
-        from sslseg.models import create_model
-
         self.nets["student"] = self.create_network()
-        # Not create_network(): the segmenter's model_options do not apply to the discriminator.
-        seed = self.spec.seed * 1000 + self._seed_counter
-        self._seed_counter += 1
+        # The run's model_options are the segmenter's; the discriminator takes none of them.
         name = "discriminator" if self.spec.dim == 2 else "discriminator_3d"
-        self.nets["discriminator"] = create_model(name, self.spec.in_channels, self.spec.num_classes, seed=seed)
+        self.nets["discriminator"] = self.create_network(name, inherit_options=False)
 
     def trainable_parameters(self):
         # The engine's SGD trains the segmenter; the discriminator has its own Adam.
@@ -104,11 +100,10 @@ class AdversarialNetwork(SSLMethod):
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         student, disc = self.nets["student"], self.nets["discriminator"]
-        n_l = batch.labeled_bs
         x_u = batch.unlabeled_image
-        logits = student(batch.images())
-        loss_sup = supervised_loss(logits[:n_l], batch.labeled_label)
-        probs_u = torch.softmax(logits[n_l:].float(), 1)
+        logits_l, logits_u = split_labeled(student(batch.images()), batch)
+        loss_sup = supervised_loss(logits_l, batch.labeled_label)
+        probs_u = torch.softmax(logits_u.float(), 1)
         fooled = torch.full((x_u.shape[0],), LABELED, dtype=torch.long, device=x_u.device)
         loss_adv = F.cross_entropy(disc(probs_u, x_u).float(), fooled)
         loss = loss_sup + ctx.consistency_weight * loss_adv

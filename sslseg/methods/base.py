@@ -17,7 +17,19 @@ times, or through ``forward_all``), keeps teachers local and identical across ra
 ``ctx.all_reduce_mean`` etc. for the few batch statistics that must be global.
 
 Batches are :class:`sslseg.data.Batch` objects with named fields (``labeled_image``,
-``labeled_label``, ``unlabeled_image``, strong views): no ``x[:labeled_bs]`` slicing anywhere.
+``labeled_label``, ``unlabeled_image``, strong views): no ``x[:labeled_bs]`` slicing anywhere. A
+network run on ``batch.images()`` (labeled samples first) gives logits that
+:func:`split_labeled` cuts into their labeled and unlabeled parts.
+
+Shared scaffolding, so that a method file holds only what is particular to it:
+
+* :meth:`SSLMethod.create_network`: a registry network from a derived seed, built for the
+  training patch (the registry's size hook, e.g. Swin-UNet's ``img_size``), with the run's
+  ``model_options`` only when it is the run's network (``inherit_options``);
+* :meth:`SSLMethod.add_ema_teacher`: a frozen EMA copy of a trained network, put in the mode the
+  method documents by :meth:`SSLMethod.train` and updated by :meth:`SSLMethod.after_step`;
+* option checks live in each ``Config.__post_init__``, so a bad option fails when the config is
+  made, before any network is built.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sslseg.data import Batch
 from sslseg.ops import ema_decay, ema_update_
 
 __all__ = [
@@ -44,6 +57,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
+    "split_labeled",
 ]
 
 
@@ -130,6 +144,42 @@ class StepContext:
     all_gather_object: Callable[[Any], list[Any]] = field(default=lambda obj: [obj])
 
 
+def split_labeled(x: Tensor, labeled: Batch | int) -> tuple[Tensor, Tensor]:
+    """Split a tensor over labeled-then-unlabeled samples into ``(labeled part, unlabeled part)``.
+
+    The one place where a method cuts a network's output (or any per-sample tensor) of
+    ``batch.images()``, ``cat([labeled, unlabeled])`` or ``cat([labeled, mixed])`` at the labeled
+    count. Both parts are views of ``x``.
+
+    Args:
+        x: ``(B, ...)`` tensor whose first ``B_l`` samples are the labeled ones.
+        labeled: The batch (its ``labeled_bs`` is used) or the labeled count ``B_l``.
+
+    Returns:
+        ``(x_l, x_u)`` of ``B_l`` and ``B - B_l`` samples.
+
+    Example:
+        >>> z_l, z_u = split_labeled(torch.zeros(5, 3), 2)
+        >>> z_l.shape[0], z_u.shape[0]
+        (2, 3)
+    """
+    n_l = labeled.labeled_bs if isinstance(labeled, Batch) else labeled
+    if isinstance(n_l, bool) or not isinstance(n_l, int) or not 0 <= n_l <= x.shape[0]:
+        raise ValueError(f"split_labeled: the labeled count must be an int in [0, {x.shape[0]}] (the samples of x), "
+                         f"got {n_l!r}")
+    return x.split([n_l, x.shape[0] - n_l])
+
+
+@dataclass(frozen=True)
+class _EMATeacher:
+    """How :meth:`SSLMethod.add_ema_teacher` keeps one teacher (by name, so tests may swap the module)."""
+
+    student: str
+    decay: float
+    include_buffers: bool
+    train_mode: bool
+
+
 _METHODS: dict[str, type[SSLMethod]] = {}
 
 
@@ -177,7 +227,9 @@ class SSLMethod:
         Config: The method's options dataclass (a :class:`MethodConfig`).
         dims: Data dimensionalities supported.
         uses_unlabeled: False for methods that train on labeled data only (``supervised``).
-        strong_aug: Loader option for weak/strong methods (False, True/"jitter", "randaugment").
+        strong_aug: The loader's strong view for weak/strong methods (False, True/"jitter",
+            "randaugment", or a callable); a method whose config chooses it (UniMatch's
+            ``strong_aug`` option) overrides :meth:`strong_augment` instead.
         strong_views: 1, or 2 for two independent strong views (UniMatch).
         log_keys: The keys ``step`` puts in ``StepOutput.logs`` (the tests check them).
         paper: Citation of the method.
@@ -207,24 +259,49 @@ class SSLMethod:
         self.nets = nn.ModuleDict()
         self.teachers = nn.ModuleDict()
         self._seed_counter = 0
+        self._ema_teachers: dict[str, _EMATeacher] = {}
 
     # ---- networks -------------------------------------------------------------------------------
 
-    def create_network(self, model: str | None = None, *, num_classes: int | None = None, **options: Any) -> nn.Module:
+    def create_network(self, model: str | None = None, *, num_classes: int | None = None,
+                       inherit_options: bool = True, **options: Any) -> nn.Module:
         """A network from the model registry, initialised from a seed derived from the run seed.
 
         Each call draws the next derived seed, so the networks of a method differ from each other
-        and are identical across runs with the same seed.
+        and are identical across runs with the same seed. The network is built for the training
+        patch: models with a size hook in the registry (Swin-UNet's ``img_size``) get the options
+        for it, and a patch they cannot take is refused here, naming the sizes that work.
+
+        Args:
+            model: Registry name; None: the run's network (``spec.model``).
+            num_classes: Output channels; None: the run's classes.
+            inherit_options: Start from the run's ``model_options``. They are meant for the run's
+                network (and variants of it, such as CPS's second network); a network of another
+                kind (CTCT's transformer, a discriminator) passes False and only its own options.
+            **options: Options for this network, over the inherited ones.
         """
         from sslseg.models import create_model
+        from sslseg.models._registry import options_for_size
 
-        opts = {**self.spec.model_options, **options}
         name = model or self.spec.model
-        if name == "swin_unet" and "img_size" not in opts:
-            opts["img_size"] = self.spec.patch_size[-1]
+        opts = {**(self.spec.model_options if inherit_options else {}), **options}
+        opts = options_for_size(name, self.spec.patch_size, opts)
         seed = self.spec.seed * 1000 + self._seed_counter
         self._seed_counter += 1
         return create_model(name, self.spec.in_channels, num_classes or self.spec.num_classes, seed=seed, **opts)
+
+    @classmethod
+    def fit_patch(cls, patch: tuple[int, ...], config: MethodConfig, model: str,
+                  model_options: dict[str, Any]) -> tuple[int, ...]:
+        """The largest patch, at most ``patch`` per axis, that every network of the method accepts.
+
+        The engine rounds its default patch with it, so that each network the method builds gets a
+        legal input size (not only the run's network). Default: the run's network alone; a method
+        that builds a network of another kind adds it (CTCT's transformer).
+        """
+        from sslseg.models._registry import fit_input_size
+
+        return fit_input_size(model, patch, model_options)
 
     @staticmethod
     def make_teacher(student: nn.Module) -> nn.Module:
@@ -234,9 +311,45 @@ class SSLMethod:
             p.requires_grad_(False)
         return teacher
 
+    def add_ema_teacher(self, name: str = "teacher", student: str = "student", *, decay: float,
+                        include_buffers: bool = True, train_mode: bool = True) -> nn.Module:
+        """Add ``teachers[name]``: a frozen copy of ``nets[student]`` that follows it by EMA.
+
+        :meth:`train` puts it in training mode (dropout and batch-statistics BatchNorm as noise,
+        as SSL4MIS's teachers) or eval mode (``train_mode=False``); :meth:`after_step` updates it
+        with ``sslseg.ops.ema_update_`` at the decay :meth:`teacher_decay` gives (default: Mean
+        Teacher's warm-up ``min(1 - 1/(t+1), decay)``).
+
+        Args:
+            name: Key in ``self.teachers``.
+            student: Key in ``self.nets`` of the network it copies and follows.
+            decay: EMA decay.
+            include_buffers: Average floating buffers (BatchNorm statistics) too.
+            train_mode: Mode of the teacher during training.
+
+        Returns:
+            The teacher.
+        """
+        if name in self.teachers:
+            raise ValueError(f"{self.name}: a teacher named {name!r} already exists")
+        self.teachers[name] = self.make_teacher(self.nets[student])
+        self._ema_teachers[name] = _EMATeacher(student, float(decay), include_buffers, train_mode)
+        return self.teachers[name]
+
+    def teacher_decay(self, name: str, ctx: StepContext) -> float:
+        """The EMA decay of teacher ``name`` after step ``ctx.step`` (Mean Teacher's warm-up rule)."""
+        return ema_decay(ctx.step, self._ema_teachers[name].decay)
+
     def build(self) -> None:
         """Create ``self.nets`` (trained) and ``self.teachers`` (not trained). Default: one student."""
         self.nets["student"] = self.create_network()
+
+    def strong_augment(self) -> bool | str | Callable[..., Tensor]:
+        """The ``strong_aug`` the engine passes to the training loader for this run.
+
+        Default: the class's ``strong_aug``; a method with a config choice resolves it here.
+        """
+        return type(self).strong_aug
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the engine's optimizer updates (default: every network in ``self.nets``)."""
@@ -262,8 +375,10 @@ class SSLMethod:
         return out
 
     def train(self) -> None:
-        """Put the trained networks in training mode (teachers keep the mode they document)."""
+        """Put the trained networks in training mode and EMA teachers in the mode they were added with."""
         self.nets.train()
+        for name, ema in self._ema_teachers.items():
+            self.teachers[name].train(ema.train_mode)
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -272,11 +387,14 @@ class SSLMethod:
         raise NotImplementedError(f"{type(self).__name__} must implement step()")
 
     def after_step(self, ctx: StepContext) -> None:
-        """Called after the optimizer step (default: nothing)."""
+        """Called after the optimizer step (default: the EMA update of the teachers of :meth:`add_ema_teacher`)."""
+        self.update_ema_teachers(ctx)
 
-    def ema_update(self, teacher: str, student: str, decay: float, ctx: StepContext, *, include_buffers: bool = True) -> None:
-        """Mean Teacher's EMA of ``nets[student]`` into ``teachers[teacher]``, with its warm-up rule."""
-        ema_update_(self.teachers[teacher], self.nets[student], ema_decay(ctx.step, decay), include_buffers=include_buffers)
+    def update_ema_teachers(self, ctx: StepContext) -> None:
+        """One EMA update of every teacher added with :meth:`add_ema_teacher`, from its student."""
+        for name, ema in self._ema_teachers.items():
+            ema_update_(self.teachers[name], self.nets[ema.student], self.teacher_decay(name, ctx),
+                        include_buffers=ema.include_buffers)
 
     # ---- method state beyond networks and optimizers (e.g. CTAugment rates) ---------------------
 

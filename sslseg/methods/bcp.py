@@ -10,7 +10,7 @@ from torch import Tensor
 from sslseg.data import Batch
 from sslseg.methods._pseudo import largest_component, masked_cross_entropy, masked_dice_loss, random_box
 from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
-from sslseg.ops import ema_decay, ema_update_
+from sslseg.ops import ema_update_
 
 __all__ = ["BidirectionalCopyPaste", "copy_paste_mask", "region_loss"]
 
@@ -111,11 +111,7 @@ class BidirectionalCopyPaste(SSLMethod):
 
     def build(self) -> None:
         self.nets["student"] = self.create_network()
-        self.teachers["teacher"] = self.make_teacher(self.nets["student"])
-
-    def train(self) -> None:
-        super().train()
-        self.teachers["teacher"].train()  # BCP keeps its teacher in train mode
+        self.add_ema_teacher(decay=self.config.ema_decay, train_mode=True)  # BCP keeps its teacher in train mode
 
     def pretrain_steps(self, iterations: int) -> int:
         """Steps of the labeled-only pre-training stage for a run of ``iterations`` steps."""
@@ -166,9 +162,8 @@ class BidirectionalCopyPaste(SSLMethod):
         loss = loss_sup + cfg.u_weight * loss_pseudo
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_pseudo": loss_pseudo.detach()})
 
-    def after_step(self, ctx: StepContext) -> None:
+    def teacher_decay(self, name: str, ctx: StepContext) -> float:
         pre = self.pretrain_steps(ctx.iterations)
         # Constant decay once self-training started from a pre-trained teacher (BCP); Mean
         # Teacher's warm-up while pre-training and when there is no pre-training stage.
-        decay = self.config.ema_decay if 0 < pre <= ctx.step else ema_decay(ctx.step, self.config.ema_decay)
-        ema_update_(self.teachers["teacher"], self.nets["student"], decay)
+        return self.config.ema_decay if 0 < pre <= ctx.step else super().teacher_decay(name, ctx)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["CrossConsistencyTraining", "cct_consistency"]
 
@@ -39,10 +39,10 @@ class CrossConsistencyTraining(SSLMethod):
 
     Network: ``unet_cct`` (one encoder, a main decoder and K = 3 auxiliary decoders that see
     every encoder feature perturbed by feature noise U(-0.3, 0.3), dropout(0.3) and feature
-    dropout, in training mode only). With the engine's default model (``unet``) the method builds
-    ``unet_cct``; any model whose ``forward_all`` returns ``"aux"`` may be given instead. The
-    validated and exported network is the encoder + main decoder, saved as a plain ``unet`` (the
-    auxiliary decoders are training-only).
+    dropout, in training mode only). When the run names no network, CCT trains ``unet_cct``
+    (``default_model``); any model whose ``forward_all`` returns ``"aux"`` may be named instead. The
+    trained network is the one validated, saved and exported: in eval mode its ``forward`` runs the
+    encoder and the main decoder only (the auxiliary decoders are training-only).
 
     Loss: ``L = 0.5 (CE + Dice)(main(x_l), y_l) + lambda(t) * (1/K) sum_k mean((sg(p_main(x_u)) -
     p_aux_k(x_u))^2)`` with ``p = softmax`` and ``lambda(t)`` the engine's sigmoid ramp-up of
@@ -71,38 +71,24 @@ class CrossConsistencyTraining(SSLMethod):
 
     dims = (2,)
     log_keys = ("loss_sup", "loss_cons")
+    default_model = {2: "unet_cct"}
     paper = ("Ouali et al., Semi-Supervised Semantic Segmentation with Cross-Consistency Training, "
              "CVPR 2020")
 
     def build(self) -> None:
-        from sslseg.models import create_model
-
-        name = "unet_cct" if self.spec.model == "unet" else self.spec.model
-        net = self.create_network(name)
+        net = self.create_network()
         if "aux" not in getattr(net, "output_keys", ()):
             raise ValueError(
-                f"cct needs a network with auxiliary decoders (forward_all(...)['aux']), such as 'unet_cct'; "
-                f"model {self.spec.model!r} has outputs {getattr(net, 'output_keys', ('logits',))}"
+                f"cct needs a network with auxiliary decoders (forward_all(...)['aux']), such as 'unet_cct' "
+                f"(the default); model {self.spec.model!r} has outputs {getattr(net, 'output_keys', ('logits',))}"
             )
         self.nets["student"] = net
-        self._eval = net
-        if name == "unet_cct" and self.spec.model == "unet":
-            # A plain ``unet`` sharing the encoder and main decoder: its state dict is a ``unet``
-            # state dict, which is what ``best_val.pt`` records for the run's model.
-            shell = create_model("unet", self.spec.in_channels, self.spec.num_classes, seed=0,
-                                 **self.spec.model_options)
-            shell.encoder, shell.decoder = net.encoder, net.decoder
-            self._eval = shell
-
-    def eval_model(self) -> nn.Module:
-        return self._eval
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
-        sizes = [batch.labeled_bs, batch.unlabeled_bs]
         out = self.nets["student"].forward_all(batch.images())
-        main_l, main_u = out["logits"].split(sizes)
-        aux = [a.split(sizes) for a in out["aux"]]
+        main_l, main_u = split_labeled(out["logits"], batch)
+        aux = [split_labeled(a, batch) for a in out["aux"]]
         loss_sup = supervised_loss(main_l, batch.labeled_label)
         if cfg.supervise_aux:
             loss_sup = (loss_sup + sum(supervised_loss(a_l, batch.labeled_label) for a_l, _ in aux)) / (1 + len(aux))

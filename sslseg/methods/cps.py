@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 
 @register_method("cps")
@@ -43,10 +43,9 @@ class CrossPseudoSupervision(SSLMethod):
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         x = batch.images()
-        n_l = batch.labeled_bs
-        z1, z2 = self.nets["model1"](x), self.nets["model2"](x)
-        loss_sup = supervised_loss(z1[:n_l], batch.labeled_label) + supervised_loss(z2[:n_l], batch.labeled_label)
-        u1, u2 = z1[n_l:].float(), z2[n_l:].float()
+        (l1, u1), (l2, u2) = split_labeled(self.nets["model1"](x), batch), split_labeled(self.nets["model2"](x), batch)
+        loss_sup = supervised_loss(l1, batch.labeled_label) + supervised_loss(l2, batch.labeled_label)
+        u1, u2 = u1.float(), u2.float()
         pseudo1, pseudo2 = u1.detach().argmax(1), u2.detach().argmax(1)
         loss_cps = F.cross_entropy(u1, pseudo2) + F.cross_entropy(u2, pseudo1)
         loss = loss_sup + ctx.consistency_weight * loss_cps

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import dice_loss, supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
+from sslseg.models import model_info
+from sslseg.models._registry import fit_input_size
 
 __all__ = ["CrossTeachingCNNTransformer", "cross_teaching_loss"]
 
@@ -31,8 +33,10 @@ class CrossTeachingCNNTransformer(SSLMethod):
 
     Networks: ``nets["cnn"]`` (the run's model, ``unet`` by default; validated and exported) and
     ``nets["transformer"]`` (``transformer``, default ``swin_unet`` built for the training patch:
-    ``img_size`` = the patch, which must be a multiple of 32). Both are trained by the engine's
-    one SGD optimizer (SSL4MIS: two SGD optimizers with identical settings, the same thing).
+    ``img_size`` = the patch, which must be a multiple of 32; the engine's default patch is rounded
+    down to one, :meth:`fit_patch`). The run's ``model_options`` are the CNN's; the transformer gets
+    ``transformer_options`` only. Both are trained by the engine's one SGD optimizer (SSL4MIS: two
+    SGD optimizers with identical settings, the same thing).
 
     Loss: ``L = sum_{i in cnn, trans} 0.5 (CE + Dice)(f_i(x_l), y_l) + lambda(t) * [Dice(p_cnn(x_u),
     argmax p_trans(x_u)) + Dice(p_trans(x_u), argmax p_cnn(x_u))]``, pseudo-labels detached, no
@@ -56,32 +60,42 @@ class CrossTeachingCNNTransformer(SSLMethod):
         transformer: str = "swin_unet"
         transformer_options: dict[str, Any] = field(default_factory=dict)
 
+        def __post_init__(self) -> None:
+            info = model_info(self.transformer)  # an unknown name: did-you-mean error listing the models
+            if info.dim != 2 or info.task != "segmentation":
+                raise ValueError(f"ctct: transformer must be a 2D segmentation model, got {self.transformer!r} "
+                                 f"({info.dim}D {info.task})")
+            if not isinstance(self.transformer_options, dict):
+                raise TypeError(f"ctct: transformer_options must be a dict, got {self.transformer_options!r}")
+
     dims = (2,)
     log_keys = ("loss_sup", "loss_cross")
     paper = ("Luo et al., Semi-Supervised Medical Image Segmentation via Cross Teaching between CNN "
              "and Transformer, MIDL 2022")
 
-    def build(self) -> None:
-        from sslseg.models import create_model
+    @classmethod
+    def fit_patch(cls, patch: tuple[int, ...], config: MethodConfig, model: str,
+                  model_options: dict[str, Any]) -> tuple[int, ...]:
+        fitted = fit_input_size(config.transformer, super().fit_patch(patch, config, model, model_options),
+                                config.transformer_options)
+        if fit_input_size(model, fitted, model_options) != fitted:
+            raise ValueError(f"ctct: no patch at most {list(patch)} suits both {model!r} and "
+                             f"{config.transformer!r}; pass patch_size explicitly")
+        return fitted
 
+    def build(self) -> None:
         self.nets["cnn"] = self.create_network()
-        opts = dict(self.config.transformer_options)
-        if self.config.transformer == "swin_unet" and "img_size" not in opts:
-            opts["img_size"] = tuple(self.spec.patch_size)
-        # Not create_network(): the run's model_options belong to the CNN, not to the transformer.
-        seed = self.spec.seed * 1000 + self._seed_counter
-        self._seed_counter += 1
-        self.nets["transformer"] = create_model(self.config.transformer, self.spec.in_channels,
-                                                self.spec.num_classes, seed=seed, **opts)
+        # The run's model_options belong to the CNN, not to the transformer.
+        self.nets["transformer"] = self.create_network(self.config.transformer, inherit_options=False,
+                                                       **self.config.transformer_options)
 
     def eval_model(self) -> nn.Module:
         return self.nets["cnn"]
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         x = batch.images()
-        sizes = [batch.labeled_bs, batch.unlabeled_bs]
-        z1_l, z1_u = self.nets["cnn"](x).split(sizes)
-        z2_l, z2_u = self.nets["transformer"](x).split(sizes)
+        z1_l, z1_u = split_labeled(self.nets["cnn"](x), batch)
+        z2_l, z2_u = split_labeled(self.nets["transformer"](x), batch)
         loss_sup = supervised_loss(z1_l, batch.labeled_label) + supervised_loss(z2_l, batch.labeled_label)
         loss_cross = cross_teaching_loss(z1_u, z2_u)
         loss = loss_sup + ctx.consistency_weight * loss_cross

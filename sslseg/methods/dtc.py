@@ -11,7 +11,7 @@ from torch import Tensor
 from sslseg.data import Batch
 from sslseg.losses import signed_distance_map
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["DualTaskConsistency", "dtc_consistency", "sdf_targets", "sdf_to_mask"]
 
@@ -105,12 +105,11 @@ class DualTaskConsistency(SSLMethod):
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
-        n_l = batch.labeled_bs
         out = self.nets["student"].forward_all(batch.images())
         logits, sdf = out["logits"], out["sdf"].float()
-        loss_sup = supervised_loss(logits[:n_l], batch.labeled_label)
+        loss_sup = supervised_loss(split_labeled(logits, batch)[0], batch.labeled_label)
         target = sdf_targets(batch.labeled_label, logits.shape[1])
-        loss_sdf = F.mse_loss(sdf[:n_l], target)
+        loss_sdf = F.mse_loss(split_labeled(sdf, batch)[0], target)
         loss_cons = dtc_consistency(torch.softmax(logits.float(), 1), sdf, cfg.k)
         loss = loss_sup + cfg.beta * loss_sdf + ctx.consistency_weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_sdf": loss_sdf.detach(),

@@ -8,7 +8,7 @@ import torch
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import entropy_loss, supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["EntropyMinimization"]
 
@@ -45,10 +45,10 @@ class EntropyMinimization(SSLMethod):
              "Vu et al., ADVENT, CVPR 2019")
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
-        n_l = batch.labeled_bs
         logits = self.nets["student"](batch.images())
-        loss_sup = supervised_loss(logits[:n_l], batch.labeled_label)
-        z = logits if self.config.include_labeled else logits[n_l:]
+        logits_l, logits_u = split_labeled(logits, batch)
+        loss_sup = supervised_loss(logits_l, batch.labeled_label)
+        z = logits if self.config.include_labeled else logits_u
         loss_ent = entropy_loss(torch.softmax(z.float(), 1))
         loss = loss_sup + ctx.consistency_weight * loss_ent
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_ent": loss_ent.detach()})

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from sslseg.data import Batch, CTAugment, RandAugment, cutout, derive_seed
+from sslseg.data.policies import probe_proximity
 from sslseg.losses.segmentation import supervised_loss
 from sslseg.methods._pseudo import pseudo_label_loss, pseudo_labels
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["FixMatch", "fixmatch_unsup_loss", "probe_proximity"]
 
@@ -36,15 +37,6 @@ def fixmatch_unsup_loss(strong_logits: Tensor, weak_probs: Tensor, threshold: fl
         raise ValueError(f"fixmatch: unsup_loss must be one of {_UNSUP}, got {kind!r}")
     pl = pseudo_labels(weak_probs, threshold)
     return pseudo_label_loss(strong_logits, pl.labels, pl.mask, kind), pl
-
-
-def probe_proximity(probs: Tensor, labels: Tensor) -> Tensor:
-    """CTAugment's per-sample reward ``1 - 0.5 * mean_voxels sum_c |p_c - onehot(y)_c|``.
-
-    For probabilities this is the mean probability given to the true class; ``(B,)`` float32.
-    """
-    p_true = probs.float().gather(1, labels.long().unsqueeze(1)).squeeze(1)
-    return p_true.flatten(1).mean(1)
 
 
 @contextmanager
@@ -141,8 +133,8 @@ class FixMatch(SSLMethod):
         cfg = self.config
         self.nets["student"] = self.create_network()
         if cfg.ema_teacher:
-            self.teachers["teacher"] = self.make_teacher(self.nets["student"])
-        from sslseg.engine.distributed import get_rank
+            self.add_ema_teacher(decay=cfg.ema_decay, train_mode=True)  # SSL4MIS-CTA keeps its teacher in train mode
+        from sslseg.utils.distributed import get_rank
 
         # Under DDP each rank draws its own strong views (rank 0 keeps the single-process stream).
         rank = get_rank()
@@ -150,13 +142,6 @@ class FixMatch(SSLMethod):
         self.cta = CTAugment(cfg.cta_depth, cfg.cta_threshold, cfg.cta_decay) if cfg.policy == "ctaugment" else None
         self.randaugment = (RandAugment(cfg.ra_num_ops, cfg.ra_magnitude, cutout_size=cfg.cutout)
                             if cfg.policy == "randaugment" else None)
-        # CTAugment rewards not yet applied: (policies of the probed samples, their proximity).
-        self._pending: list[tuple[list[list[tuple[str, tuple[float, ...]]]], Tensor]] = []
-
-    def train(self) -> None:
-        super().train()
-        if "teacher" in self.teachers:
-            self.teachers["teacher"].train()  # SSL4MIS-CTA keeps its teacher in train mode
 
     def labeler(self) -> nn.Module:
         """The network whose weak predictions become pseudo-labels (and that CTAugment probes)."""
@@ -196,43 +181,33 @@ class FixMatch(SSLMethod):
             net = self.labeler()
             with _eval_mode(net):
                 probs = torch.softmax(net(torch.stack(views)).float(), 1)
-            self._pending.append((policies, probe_proximity(probs, batch.labeled_label)))
+            self.cta.record(policies, probe_proximity(probs, batch.labeled_label))
 
     def flush_cta(self, gather: Callable[[Any], list[Any]] | None = None) -> None:
-        """Apply the pending CTAugment rewards (one host sync).
+        """Apply the pending CTAugment rewards (one host sync; see :meth:`CTAugment.apply_pending`).
 
         Args:
-            gather: ``ctx.all_gather_object`` under DDP: every rank's rewards are applied, in rank
-                order, on every rank, so the rates stay identical across ranks. Every rank must
-                call it at the same step.
+            gather: ``ctx.all_gather_object`` under DDP, so the rates stay identical across ranks.
         """
-        if not self._pending and gather is None:
-            return
-        policies = [pol for pols, _ in self._pending for pol in pols]
-        proximities = torch.cat([p for _, p in self._pending]).tolist() if self._pending else []
-        shards = gather((policies, proximities)) if gather is not None else [(policies, proximities)]
-        for shard_policies, shard_proximities in shards:
-            for pol, prox in zip(shard_policies, shard_proximities):
-                self.cta.update_rates(pol, prox)
-        self._pending = []
+        self.cta.apply_pending(gather)
 
     # ---- one step ---------------------------------------------------------------------------------
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
-        if self.cta is not None and len(self._pending) >= cfg.cta_update_every:
+        if self.cta is not None and len(self.cta.pending) >= cfg.cta_update_every:
             self.flush_cta(ctx.all_gather_object)
         student = self.nets["student"]
-        n_l, n_u = batch.labeled_bs, batch.unlabeled_bs
         x_w = batch.unlabeled_image
         x_s = self.make_strong_views(x_w)
         if "teacher" in self.teachers:
             with torch.no_grad():
                 q = torch.softmax(self.teachers["teacher"](x_w).float(), 1)
-            z_l, z_s = student(torch.cat([batch.labeled_image, x_s])).split([n_l, n_u])
+            z_l, z_s = split_labeled(student(torch.cat([batch.labeled_image, x_s])), batch)
         else:
             # One pass over labeled, weak and strong images (shared BatchNorm statistics, as FixMatch).
-            z_l, z_w, z_s = student(torch.cat([batch.labeled_image, x_w, x_s])).split([n_l, n_u, n_u])
+            z_l, z_u = split_labeled(student(torch.cat([batch.labeled_image, x_w, x_s])), batch)
+            z_w, z_s = z_u.chunk(2)
             q = torch.softmax(z_w.detach().float(), 1)
         loss_sup = supervised_loss(z_l, batch.labeled_label)
         loss_unsup, pl = fixmatch_unsup_loss(z_s, q, cfg.threshold, cfg.unsup_loss)
@@ -243,28 +218,17 @@ class FixMatch(SSLMethod):
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(),
                                  "mask_ratio": pl.ratio})
 
-    def after_step(self, ctx: StepContext) -> None:
-        if "teacher" in self.teachers:
-            self.ema_update("teacher", "student", self.config.ema_decay, ctx)
-
     # ---- checkpointed state -----------------------------------------------------------------------
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"generator": self.generator.get_state()}
         if self.cta is not None:
             state["cta"] = self.cta.state_dict()
-            state["pending"] = [
-                [[[[name, list(values)] for name, values in pol] for pol in pols], prox.detach().cpu()]
-                for pols, prox in self._pending
-            ]
+            state["pending"] = self.cta.pending_state()
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         if self.cta is not None:
             self.cta.load_state_dict(state["cta"])
-            device = next(self.nets["student"].parameters()).device
-            self._pending = [
-                ([[(name, tuple(values)) for name, values in pol] for pol in pols], prox.to(device))
-                for pols, prox in state["pending"]
-            ]
+            self.cta.load_pending_state(state["pending"], next(self.nets["student"].parameters()).device)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import softmax_mse_loss, supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["InterpolationConsistency", "ict_pairs", "mix"]
 
@@ -80,23 +80,19 @@ class InterpolationConsistency(SSLMethod):
         teacher_train_mode: bool = True
         ema_buffers: bool = True
 
+        def __post_init__(self) -> None:
+            if not self.alpha > 0:
+                raise ValueError(f"ict: alpha must be > 0 (Beta(alpha, alpha)), got {self.alpha}")
+            if self.pairing not in _PAIRINGS:
+                raise ValueError(f"ict: pairing must be one of {_PAIRINGS}, got {self.pairing!r}")
+
     log_keys = ("loss_sup", "loss_cons")
     paper = "Verma et al., Interpolation Consistency Training for Semi-Supervised Learning, IJCAI 2019"
 
-    def __init__(self, config, spec) -> None:
-        super().__init__(config, spec)
-        if not config.alpha > 0:
-            raise ValueError(f"ict: alpha must be > 0 (Beta(alpha, alpha)), got {config.alpha}")
-        if config.pairing not in _PAIRINGS:
-            raise ValueError(f"ict: pairing must be one of {_PAIRINGS}, got {config.pairing!r}")
-
     def build(self) -> None:
+        cfg = self.config
         self.nets["student"] = self.create_network()
-        self.teachers["teacher"] = self.make_teacher(self.nets["student"])
-
-    def train(self) -> None:
-        super().train()
-        self.teachers["teacher"].train(self.config.teacher_train_mode)
+        self.add_ema_teacher(decay=cfg.ema_decay, include_buffers=cfg.ema_buffers, train_mode=cfg.teacher_train_mode)
 
     def draw_mix(self, n_unlabeled: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(i0, i1, lam)`` for one batch: the pairs and one ``Beta(alpha, alpha)`` draw per pair (CPU RNG)."""
@@ -115,12 +111,8 @@ class InterpolationConsistency(SSLMethod):
             q = torch.softmax(self.teachers["teacher"](x_u[:used]).float(), 1)
             target = mix(q[i0], q[i1], lam)
         x_m = mix(x_u[i0], x_u[i1], lam)
-        n_l = batch.labeled_bs
-        logits = self.nets["student"](torch.cat([batch.labeled_image, x_m]))
-        loss_sup = supervised_loss(logits[:n_l], batch.labeled_label)
-        loss_cons = softmax_mse_loss(logits[n_l:], target)
+        z_l, z_m = split_labeled(self.nets["student"](torch.cat([batch.labeled_image, x_m])), batch)
+        loss_sup = supervised_loss(z_l, batch.labeled_label)
+        loss_cons = softmax_mse_loss(z_m, target)
         loss = loss_sup + ctx.consistency_weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach()})
-
-    def after_step(self, ctx: StepContext) -> None:
-        self.ema_update("teacher", "student", self.config.ema_decay, ctx, include_buffers=self.config.ema_buffers)

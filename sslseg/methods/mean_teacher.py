@@ -8,7 +8,7 @@ import torch
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import softmax_mse_loss, supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["MeanTeacher", "teacher_noise"]
 
@@ -51,19 +51,16 @@ class MeanTeacher(SSLMethod):
     paper = "Tarvainen & Valpola, Mean teachers are better role models, NeurIPS 2017"
 
     def build(self) -> None:
+        cfg = self.config
         self.nets["student"] = self.create_network()
-        self.teachers["teacher"] = self.make_teacher(self.nets["student"])
-
-    def train(self) -> None:
-        super().train()
         # SSL4MIS leaves the teacher in train mode (dropout and batch-statistics BN as noise).
-        self.teachers["teacher"].train(self.config.teacher_train_mode)
+        self.add_ema_teacher(decay=cfg.ema_decay, include_buffers=cfg.ema_buffers, train_mode=cfg.teacher_train_mode)
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
         student = self.nets["student"]
         logits = student(batch.images())
-        logits_l, logits_u = logits[: batch.labeled_bs], logits[batch.labeled_bs:]
+        logits_l, logits_u = split_labeled(logits, batch)
         loss_sup = supervised_loss(logits_l, batch.labeled_label)
         with torch.no_grad():
             target = torch.softmax(self.teachers["teacher"](teacher_noise(batch.unlabeled_image, cfg.noise_std, cfg.noise_clip)).float(), 1)
@@ -71,6 +68,3 @@ class MeanTeacher(SSLMethod):
         weight = ctx.consistency_weight if ctx.step >= cfg.consistency_start else 0.0
         loss = loss_sup + weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach()})
-
-    def after_step(self, ctx: StepContext) -> None:
-        self.ema_update("teacher", "student", self.config.ema_decay, ctx, include_buffers=self.config.ema_buffers)

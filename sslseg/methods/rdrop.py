@@ -8,7 +8,7 @@ import torch
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss, symmetric_kl_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["RDrop"]
 
@@ -63,14 +63,13 @@ class RDrop(SSLMethod):
 
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         x = batch.images()
-        n, n_l = x.shape[0], batch.labeled_bs
         if self.config.two_networks:
             z1, z2 = self.nets["model1"](x), self.nets["model2"](x)
         else:
-            z1, z2 = self.nets["student"](torch.cat([x, x])).split(n)
+            z1, z2 = self.nets["student"](torch.cat([x, x])).chunk(2)
+        (z1_l, z1_u), (z2_l, z2_u) = split_labeled(z1, batch), split_labeled(z2, batch)
         y = batch.labeled_label
-        loss_sup = supervised_loss(z1[:n_l], y) + supervised_loss(z2[:n_l], y)
-        start = 0 if self.config.kl_labeled else n_l
-        loss_kl = symmetric_kl_loss(z1[start:], z2[start:])
+        loss_sup = supervised_loss(z1_l, y) + supervised_loss(z2_l, y)
+        loss_kl = symmetric_kl_loss(z1, z2) if self.config.kl_labeled else symmetric_kl_loss(z1_u, z2_u)
         loss = loss_sup + ctx.consistency_weight * loss_kl
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_kl": loss_kl.detach()})

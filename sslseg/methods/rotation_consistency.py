@@ -9,7 +9,7 @@ from torch import Tensor
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["RotationConsistency", "rotation_consistency_loss"]
 
@@ -65,7 +65,7 @@ class RotationConsistency(SSLMethod):
         net = self.nets["student"]
         low = 1 if self.config.exclude_identity else 0
         k = int(torch.randint(low, 4, (1,)))  # CPU generator: no device sync
-        logits_l, logits_u = net(batch.images()).split([batch.labeled_bs, batch.unlabeled_bs])
+        logits_l, logits_u = split_labeled(net(batch.images()), batch)
         loss_sup = supervised_loss(logits_l, batch.labeled_label)
         probs_u = torch.softmax(logits_u.float(), 1)
         probs_r = torch.softmax(net(torch.rot90(batch.unlabeled_image, k, dims=(2, 3))).float(), 1)

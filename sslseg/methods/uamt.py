@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from sslseg.data import Batch
-from sslseg.engine.schedules import sigmoid_rampup
+from sslseg.utils.schedules import sigmoid_rampup
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import StepContext, StepOutput, register_method
+from sslseg.methods.base import StepContext, StepOutput, register_method, split_labeled
 from sslseg.methods.mean_teacher import MeanTeacher, teacher_noise
 from sslseg.ops import predictive_entropy
 
@@ -105,23 +105,22 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         threshold_start: float = 0.75
         ssl4mis_mask: bool = False
 
+        def __post_init__(self) -> None:
+            if isinstance(self.mc_passes, bool) or not isinstance(self.mc_passes, int) or self.mc_passes < 1:
+                raise ValueError(f"uamt: mc_passes must be an int >= 1, got {self.mc_passes!r}")
+            if not 0.0 <= self.threshold_start <= 1.0:
+                raise ValueError(f"uamt: threshold_start must be in [0, 1], got {self.threshold_start}")
+
     log_keys = ("loss_sup", "loss_cons", "mask_ratio")
     paper = ("Yu et al., Uncertainty-aware Self-ensembling Model for Semi-supervised 3D Left Atrium Segmentation, "
              "MICCAI 2019")
 
-    def __init__(self, config, spec) -> None:
-        super().__init__(config, spec)
-        if config.mc_passes < 1:
-            raise ValueError(f"uamt: mc_passes must be >= 1, got {config.mc_passes}")
-        if not 0.0 <= config.threshold_start <= 1.0:
-            raise ValueError(f"uamt: threshold_start must be in [0, 1], got {config.threshold_start}")
-
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
         student, teacher = self.nets["student"], self.teachers["teacher"]
-        n_l = batch.labeled_bs
         logits = student(batch.images())
-        loss_sup = supervised_loss(logits[:n_l], batch.labeled_label)
+        logits_l, logits_u = split_labeled(logits, batch)
+        loss_sup = supervised_loss(logits_l, batch.labeled_label)
         x_u = batch.unlabeled_image
         with torch.no_grad():
             target = torch.softmax(teacher(teacher_noise(x_u, cfg.noise_std, cfg.noise_clip)).float(), 1)
@@ -129,7 +128,7 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
             _, uncertainty = predictive_entropy(passes)
         tau = uamt_threshold(ctx.step, ctx.iterations, logits.shape[1], start=cfg.threshold_start,
                              ssl4mis=cfg.ssl4mis_mask)
-        loss_cons, mask = uncertainty_masked_mse(torch.softmax(logits[n_l:].float(), 1), target, uncertainty, tau,
+        loss_cons, mask = uncertainty_masked_mse(torch.softmax(logits_u.float(), 1), target, uncertainty, tau,
                                                  normalizer=2.0 if cfg.ssl4mis_mask else None,
                                                  reduce_mean=ctx.all_reduce_mean)
         weight = ctx.consistency_weight if ctx.step >= cfg.consistency_start else 0.0

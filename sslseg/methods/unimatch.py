@@ -10,12 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslseg.data import Batch, StrongAugment
+from sslseg.data import Batch, RandAugment, StrongAugment
 from sslseg.losses.segmentation import supervised_loss
 from sslseg.methods._pseudo import PSEUDO_LOSSES, cutmix_box, pseudo_label_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["UniMatch", "feature_perturbation", "mix_boxes"]
+
+#: UniMatch's strong intensity transforms by ``strong_aug`` name; no cutout, since the method
+#: does its own CutMix on the strong views.
+STRONG_AUGMENTS = {
+    "jitter": lambda: StrongAugment(p=0.8, cutout_prob=0.0),
+    "randaugment": lambda: RandAugment(cutout_size=0.0),
+}
 
 
 @contextmanager
@@ -84,9 +91,11 @@ class UniMatch(SSLMethod):
       * CutMix partners are the other samples of the same unlabeled batch (rolled by one), and
         their pseudo-labels come from the same weak pass; the official code draws a second
         unlabeled batch and predicts it in eval mode, one more forward per step;
-      * the strong intensity transform is sslseg's :class:`~sslseg.data.StrongAugment` (each of
-        brightness, contrast, gamma, blur, noise with p = 0.8, no cutout), an intensity analogue of
-        UniMatch's ColorJitter(p 0.8) + blur(p 0.5) on 8-bit images;
+      * the strong intensity transform (``strong_aug``) is by default sslseg's
+        :class:`~sslseg.data.StrongAugment` (``"jitter"``: each of brightness, contrast, gamma,
+        blur, noise with p = 0.8, no cutout), an intensity analogue of UniMatch's ColorJitter(p 0.8)
+        + blur(p 0.5) on 8-bit images; ``"randaugment"`` uses :class:`~sslseg.data.RandAugment`
+        (2 random photometric ops of random magnitude, no cutout) instead;
       * 3D (not in the paper) uses the same recipe: ``Dropout3d`` features and cuboid CutMix;
       * the FP stream is a forward hook on the network's ``encoder`` (any sslseg network with
         one), where UniMatch adds a ``need_fp`` argument to its U-Net.
@@ -101,19 +110,25 @@ class UniMatch(SSLMethod):
         feature_perturbation: bool = True
         fp_dropout: float = 0.5
         cutmix_prob: float = 0.5
+        strong_aug: str = "jitter"
 
         def __post_init__(self) -> None:
+            if self.strong_aug not in STRONG_AUGMENTS:
+                raise ValueError(f"unimatch: strong_aug must be one of {tuple(STRONG_AUGMENTS)}, got {self.strong_aug!r}")
             if self.unsup_loss not in PSEUDO_LOSSES:
                 raise ValueError(f"unimatch: unsup_loss must be one of {PSEUDO_LOSSES}, got {self.unsup_loss!r}")
             for name in ("threshold", "fp_dropout", "cutmix_prob"):
                 if not 0.0 <= getattr(self, name) <= 1.0:
                     raise ValueError(f"unimatch: {name} must be in [0, 1], got {getattr(self, name)}")
 
-    strong_aug = StrongAugment(p=0.8, cutout_prob=0.0)
+    strong_aug = STRONG_AUGMENTS["jitter"]()  # the default of the config's strong_aug (strong_augment())
     strong_views = 2
     log_keys = ("loss_sup", "loss_strong", "loss_fp", "mask_ratio")
     paper = ("Yang et al., Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic Segmentation, "
              "CVPR 2023")
+
+    def strong_augment(self) -> StrongAugment | RandAugment:
+        return STRONG_AUGMENTS[self.config.strong_aug]()
 
     def _boxes(self, n: int, spatial: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.stack([cutmix_box(spatial, p=self.config.cutmix_prob, device=device) for _ in range(n)])
@@ -123,7 +138,7 @@ class UniMatch(SSLMethod):
         net = self.nets["student"]
         if batch.unlabeled_strong is None or batch.unlabeled_strong2 is None:
             raise ValueError("unimatch needs two strong views of the unlabeled images (strong_views=2)")
-        n_l, n_u = batch.labeled_bs, batch.unlabeled_bs
+        n_u = batch.unlabeled_bs
         spatial = tuple(batch.unlabeled_image.shape[2:])
         device = batch.unlabeled_image.device
         partner = (torch.arange(n_u, device=device) + 1) % n_u
@@ -139,10 +154,10 @@ class UniMatch(SSLMethod):
                 raise ValueError(f"unimatch: the {type(net).__name__} encoder hook did not perturb the features; "
                                  "use feature_perturbation=False")
             clean, fp = out.chunk(2)
-            z_w_fp = fp[n_l:]
+            z_w_fp = split_labeled(fp, batch)[1]
         else:
             clean, z_w_fp = net(x), None
-        z_l, z_w = clean.split([n_l, n_u])
+        z_l, z_w = split_labeled(clean, batch)
         z_s1, z_s2 = net(torch.cat([s1, s2])).chunk(2)
 
         with torch.no_grad():

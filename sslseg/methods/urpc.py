@@ -6,15 +6,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss
-from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method
+from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
 __all__ = ["UncertaintyRectifiedPyramidConsistency", "urpc_consistency"]
 
-#: The pyramid network trained when the run's network is a plain U-Net (the engine's default).
+#: The pyramid variant of each plain network (URPC's default networks), named when a plain one is given.
 PYRAMID_NETWORKS = {"unet": "unet_urpc", "unet_3d": "unet_3d_urpc"}
 
 
@@ -57,21 +57,6 @@ def urpc_consistency(logits: Sequence[Tensor], *, detach_mean: bool = False,
     return total / len(logits)
 
 
-def _plain_view(name: str, pyramid: nn.Module, plain: nn.Module) -> nn.Module:
-    """``plain`` (a ``unet`` / ``unet_3d``) made to share ``pyramid``'s modules for its main output.
-
-    In eval mode (no dropout) the view computes exactly the pyramid network's main logits, and its
-    ``state_dict`` has the plain network's keys: it is what is validated, saved and exported.
-    """
-    plain.encoder = pyramid.encoder
-    if name == "unet":
-        plain.decoder = pyramid.decoder
-    else:  # unet_3d: the finest deep-supervision head is the final 1x1x1 conv
-        plain.ups = pyramid.ups
-        plain.final = pyramid.heads[-1]
-    return plain
-
-
 @register_method("urpc")
 class UncertaintyRectifiedPyramidConsistency(SSLMethod):
     """URPC: a network's predictions at several decoder scales agree, each voxel weighted by their agreement.
@@ -83,11 +68,11 @@ class UncertaintyRectifiedPyramidConsistency(SSLMethod):
 
     Network: one network with pyramid heads, ``forward_all(x) -> {"logits", "aux"}`` giving S = 4
     full-resolution predictions ``z_0`` (main) and ``z_1..z_3`` (1/2, 1/4, 1/8 decoder scales,
-    perturbed by feature noise / feature dropout / dropout in 2D and channel dropout in 3D). With
-    the engine's default network (``unet`` / ``unet_3d``) the method trains ``unet_urpc`` /
-    ``unet_3d_urpc`` and validates and exports the plain network that shares its encoder, decoder
-    and main head (the same function in eval mode, and the run's recorded network); any other
-    network with ``"aux"`` outputs is used as it is.
+    perturbed by feature noise / feature dropout / dropout in 2D and channel dropout in 3D). When
+    the run names no network, URPC trains ``unet_urpc`` / ``unet_3d_urpc`` (``default_model``); a
+    network named explicitly must have ``"aux"`` outputs. The trained network is the one validated,
+    saved and exported: in eval mode its ``forward`` gives the main prediction only (the
+    perturbations are off), and a run records its own name, so inference and export rebuild it.
 
     Loss::
 
@@ -113,38 +98,25 @@ class UncertaintyRectifiedPyramidConsistency(SSLMethod):
         detach_mean: bool = False
 
     log_keys = ("loss_sup", "loss_cons")
+    default_model = {2: PYRAMID_NETWORKS["unet"], 3: PYRAMID_NETWORKS["unet_3d"]}
     paper = ("Luo et al., Efficient Semi-supervised Gross Target Volume of Nasopharyngeal Carcinoma Segmentation "
              "via Uncertainty Rectified Pyramid Consistency, MICCAI 2021")
 
-    def __init__(self, config, spec) -> None:
-        super().__init__(config, spec)
-        self._eval_net: nn.Module | None = None
-
     def build(self) -> None:
         name = self.spec.model
-        if name in PYRAMID_NETWORKS:
-            net = self.create_network(PYRAMID_NETWORKS[name])
-            self._eval_net = _plain_view(name, net, self.create_network(name))
-        else:
-            net = self.create_network()
-            if "aux" not in getattr(net, "output_keys", ()):
-                raise ValueError(
-                    f"urpc needs a network with pyramid heads (forward_all 'aux' outputs), such as "
-                    f"{', '.join(sorted(PYRAMID_NETWORKS.values()))} (or {', '.join(sorted(PYRAMID_NETWORKS))}, "
-                    f"which urpc extends); got {name!r}"
-                )
-            self._eval_net = net
+        net = self.create_network()
+        if "aux" not in getattr(net, "output_keys", ()):
+            hint = (f"; its pyramid variant is {PYRAMID_NETWORKS[name]!r}, the default" if name in PYRAMID_NETWORKS
+                    else f", such as {', '.join(sorted(PYRAMID_NETWORKS.values()))}")
+            raise ValueError(f"urpc needs a network with pyramid heads (forward_all 'aux' outputs); "
+                             f"got {name!r}{hint}")
         self.nets["student"] = net
 
-    def eval_model(self) -> nn.Module:
-        return self._eval_net if self._eval_net is not None else self.nets["student"]
-
     def step(self, batch: Batch, ctx: StepContext) -> StepOutput:
-        n_l = batch.labeled_bs
         out = self.nets["student"].forward_all(batch.images())
-        preds = [out["logits"], *out["aux"]]
-        loss_sup = sum(supervised_loss(z[:n_l], batch.labeled_label) for z in preds) / len(preds)
-        loss_cons = urpc_consistency([z[n_l:] for z in preds], detach_mean=self.config.detach_mean,
+        preds = [split_labeled(z, batch) for z in (out["logits"], *out["aux"])]
+        loss_sup = sum(supervised_loss(z_l, batch.labeled_label) for z_l, _ in preds) / len(preds)
+        loss_cons = urpc_consistency([z_u for _, z_u in preds], detach_mean=self.config.detach_mean,
                                      reduce_mean=ctx.all_reduce_mean)
         loss = loss_sup + ctx.consistency_weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach()})

@@ -3,6 +3,12 @@
 Builders are plain functions ``fn(in_channels, num_classes, **options) -> nn.Module`` registered
 with :func:`register_model`. :func:`create_model` validates the name and the options before it
 builds anything, so that a typo fails at once with the list of valid choices instead of far away.
+
+A network built for one input size (Swin-UNet's ``img_size``) registers a size hook
+(``register_model(..., fit_size=...)``): :func:`fit_input_size` rounds a requested training patch
+to one the network takes, and :func:`options_for_size` gives the options that build it for a
+patch (or refuses a patch it cannot take), so that whoever builds networks for a patch (every
+network of a training method, not only the first) needs no per-model special case.
 """
 
 from __future__ import annotations
@@ -11,16 +17,23 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
+__all__ = ["ModelInfo", "create_model", "fit_input_size", "list_models", "model_info", "options_for_size",
+           "register_model"]
 
 TASKS = ("segmentation", "discriminator")
 
 _Builder = TypeVar("_Builder", bound=Callable[..., nn.Module])
+
+#: ``fit_size(size, options) -> (fitted size, options)``: the largest input size, at most ``size``
+#: per axis (at least the smallest legal one), that the model takes with ``options``, and the
+#: options that build it for that size.
+SizeHook = Callable[[tuple[int, ...], dict[str, Any]], tuple[tuple[int, ...], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,8 @@ class ModelInfo:
         options: Names of the keyword options the builder accepts (besides ``in_channels`` and
             ``num_classes``).
         summary: First line of the builder's docstring.
+        fit_size: Size hook of a network built for one input size (see :data:`SizeHook`), or None
+            when the options do not depend on the input size.
     """
 
     name: str
@@ -44,12 +59,15 @@ class ModelInfo:
     builder: Callable[..., nn.Module]
     options: tuple[str, ...]
     summary: str
+    fit_size: Optional[SizeHook] = None
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, dim: int, task: str = "segmentation") -> Callable[[_Builder], _Builder]:
+def register_model(
+    name: str, *, dim: int, task: str = "segmentation", fit_size: Optional[SizeHook] = None
+) -> Callable[[_Builder], _Builder]:
     """Register a model builder under ``name``.
 
     The builder must accept ``in_channels`` and ``num_classes`` as its first two parameters; any
@@ -59,6 +77,9 @@ def register_model(name: str, *, dim: int, task: str = "segmentation") -> Callab
         name: Unique lower-case name.
         dim: Spatial dimensions of the inputs the model takes (2 or 3).
         task: ``"segmentation"`` or ``"discriminator"``.
+        fit_size: For a network built for one input size: ``fit_size(size, options) -> (fitted
+            size, options)`` (:data:`SizeHook`), used by :func:`fit_input_size` and
+            :func:`options_for_size`.
 
     Returns:
         A decorator that records the builder and returns it unchanged.
@@ -82,6 +103,8 @@ def register_model(name: str, *, dim: int, task: str = "segmentation") -> Callab
         raise ValueError(f"register_model({name!r}): dim must be 2 or 3, got {dim!r}")
     if task not in TASKS:
         raise ValueError(f"register_model({name!r}): task must be one of {TASKS}, got {task!r}")
+    if fit_size is not None and not callable(fit_size):
+        raise TypeError(f"register_model({name!r}): fit_size must be callable or None, got {fit_size!r}")
 
     def decorator(fn: _Builder) -> _Builder:
         if name in _REGISTRY:
@@ -99,7 +122,7 @@ def register_model(name: str, *, dim: int, task: str = "segmentation") -> Callab
             )
         options = tuple(p.name for p in params[2:] if p.kind is not inspect.Parameter.VAR_KEYWORD)
         summary = (inspect.getdoc(fn) or "").strip().splitlines()
-        _REGISTRY[name] = ModelInfo(name, dim, task, fn, options, summary[0] if summary else "")
+        _REGISTRY[name] = ModelInfo(name, dim, task, fn, options, summary[0] if summary else "", fit_size)
         return fn
 
     return decorator
@@ -153,6 +176,58 @@ def list_models(dim: int | None = None, task: str | None = None) -> list[str]:
         for info in _REGISTRY.values()
         if (dim is None or info.dim == dim) and (task is None or info.task == task)
     )
+
+
+def _size_tuple(size: Sequence[int], info: ModelInfo, caller: str) -> tuple[int, ...]:
+    if (not isinstance(size, Sequence) or len(size) != info.dim
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)):
+        raise ValueError(f"{caller}({info.name!r}): size must be {info.dim} positive ints (one per spatial axis), "
+                         f"got {size!r}")
+    return tuple(size)
+
+
+def fit_input_size(name: str, size: Sequence[int], options: Optional[dict[str, Any]] = None) -> tuple[int, ...]:
+    """The input size model ``name`` (built with ``options``) takes that is closest to ``size`` from below.
+
+    Per axis the largest legal size at most ``size`` (the smallest legal one when none is). Models
+    without a size hook take what they are given (their divisibility is checked at ``forward``).
+
+    Example:
+        >>> fit_input_size("swin_unet", (80, 80))
+        (64, 64)
+        >>> fit_input_size("unet", (80, 80))
+        (80, 80)
+    """
+    info = model_info(name)
+    size = _size_tuple(size, info, "fit_input_size")
+    if info.fit_size is None:
+        return size
+    return tuple(info.fit_size(size, dict(options or {}))[0])
+
+
+def options_for_size(name: str, size: Sequence[int], options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``options`` completed to build model ``name`` for inputs of ``size`` (Swin-UNet: ``img_size``).
+
+    Raises:
+        ValueError: The model cannot be built for ``size``; the message names the closest size that
+            works (pass it as the patch size).
+
+    Example:
+        >>> options_for_size("swin_unet", (64, 96))["img_size"]
+        (64, 96)
+    """
+    info = model_info(name)
+    size = _size_tuple(size, info, "options_for_size")
+    opts = dict(options or {})
+    if info.fit_size is None:
+        return opts
+    fitted, opts = info.fit_size(size, opts)
+    if tuple(fitted) != size:
+        raise ValueError(
+            f"model {name!r} cannot take inputs of size {list(size)} with options {options or {}}: the closest size "
+            f"it takes is {list(fitted)}; use that patch size (or, for a fixed-size model, drop its size option)"
+        )
+    return opts
 
 
 def _check_positive_int(value: Any, arg: str, name: str) -> None:

@@ -25,7 +25,7 @@ Differences from SSL4MIS (parameter count identical for the same ``in_channels``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -355,13 +355,33 @@ class SwinUNet(SegmentationModel):
         return self.output(x.permute(0, 3, 1, 2))
 
 
-@register_model("swin_unet", dim=2)
+#: Patch embedding stride and stage depths of the registered ``swin_unet`` (its size divisor is
+#: ``_SWIN_PATCH * 2**(len(depths) - 1)``).
+_SWIN_PATCH, _SWIN_DEPTHS = 4, (2, 2, 2, 2)
+
+
+def _fit_size(size: Tuple[int, ...], options: Dict[str, Any]) -> Tuple[Tuple[int, ...], Dict[str, Any]]:
+    """Swin-UNet's registry size hook: it is built for one size, a multiple of ``4 * 2**(stages - 1)``.
+
+    An explicit ``img_size`` fixes the size; otherwise each axis of ``size`` is rounded down to the
+    multiple (at least one multiple) and becomes ``img_size``.
+    """
+    fixed = options.get("img_size")
+    if fixed is not None:
+        return ((fixed, fixed) if isinstance(fixed, int) else tuple(int(s) for s in fixed)), options
+    stages = len(options.get("depths", _SWIN_DEPTHS))
+    divisor = _SWIN_PATCH * 2 ** (stages - 1)
+    fitted = tuple(max(divisor, s // divisor * divisor) for s in size)
+    return fitted, {**options, "img_size": fitted}
+
+
+@register_model("swin_unet", dim=2, fit_size=_fit_size)
 def swin_unet(
     in_channels: int,
     num_classes: int,
     img_size: Union[int, Sequence[int]] = 224,
     embed_dim: int = 96,
-    depths: Sequence[int] = (2, 2, 2, 2),
+    depths: Sequence[int] = _SWIN_DEPTHS,
     num_heads: Sequence[int] = (3, 6, 12, 24),
     window_size: int = 7,
     drop_path: float = 0.2,
@@ -371,6 +391,7 @@ def swin_unet(
         in_channels,
         num_classes,
         img_size=img_size,
+        patch_size=_SWIN_PATCH,
         embed_dim=embed_dim,
         depths=depths,
         num_heads=num_heads,

@@ -21,7 +21,7 @@ def _ctx(weight: float = 0.1) -> StepContext:
     return cpu_context(weight=weight)
 
 
-def _method(model: str = "unet", model_options=SMALL, **options):
+def _method(model: str = "unet_cct", model_options=SMALL, **options):
     cls = get_method("cct")
     spec = NetworkSpec(model=model, in_channels=1, num_classes=3, dim=2, patch_size=(32, 32), seed=0,
                        model_options=dict(model_options))
@@ -56,26 +56,25 @@ def test_consistency_value_and_detached_main():
     assert cct_consistency(main.detach(), [main.detach()] * 3).item() == 0.0
 
 
-def test_builds_unet_cct_and_exports_a_plain_unet_sharing_weights():
+def test_default_unet_cct_is_trained_evaluated_and_exported_as_itself():
+    assert get_method("cct").default_model == {2: "unet_cct"}
     m = _method()
     student = m.nets["student"]
     assert "aux" in student.output_keys and len(student.aux_decoders) == 3
-    export = m.eval_model()
+    assert m.eval_model() is student  # best_val.pt records unet_cct and its own state dict
+    # In eval mode the forward is the encoder and the main decoder: a plain unet with those weights.
     plain = create_model("unet", 1, 3, **SMALL).eval()
-    assert export.state_dict().keys() == plain.state_dict().keys()
-    plain.load_state_dict(export.state_dict())  # what best_val.pt rebuilds
+    plain.load_state_dict({k: v for k, v in student.state_dict().items() if not k.startswith("aux_decoders.")})
     x = torch.rand(1, 1, 32, 32)
     student.eval()
     with torch.no_grad():
         assert torch.equal(plain(x), student(x))
-        next(student.encoder.parameters()).add_(1.0)  # shared, not copied
-        assert torch.equal(export(x), student(x))
     assert sum(p.numel() for p in m.trainable_parameters()) == sum(p.numel() for p in student.parameters())
 
 
-def test_explicit_unet_cct_and_models_without_aux():
-    m = _method("unet_cct")
-    assert m.eval_model() is m.nets["student"]
+def test_models_without_aux_are_rejected():
+    with pytest.raises(ValueError, match="auxiliary decoders.*'unet_cct' \\(the default\\); model 'unet'"):
+        _method("unet")
     with pytest.raises(ValueError, match="auxiliary decoders"):
         _method("pnet", model_options={})
 

@@ -103,13 +103,13 @@ def test_ctaugment_rates_follow_probe_accuracy_and_resume_exactly():
     batch = _batch()
     m.step(batch, _ctx(0))
     m.step(batch, _ctx(1))
-    assert len(m._pending) == 2
+    assert len(m.cta.pending) == 2
     assert all((m.cta.rates[k] == ones[k]).all() for k in ones)  # deferred: no sync per step
     state = m.extra_state()
     weights = {k: v.clone() for k, v in m.nets.state_dict().items()}
     torch.manual_seed(7)  # dropout draws (they move BatchNorm statistics, hence the probe)
     out = m.step(batch, _ctx(2))  # flushes the two pending probe rewards, then probes again
-    assert len(m._pending) == 1
+    assert len(m.cta.pending) == 1
     changed = [k for k in ones if (m.cta.rates[k] != ones[k]).any()]
     assert changed, "CTAugment rates did not move"
     # Rewards are probe accuracies in [0, 1]: updated rates stay in [0, 1].
@@ -122,7 +122,7 @@ def test_ctaugment_rates_follow_probe_accuracy_and_resume_exactly():
     r_out = r.step(batch, _ctx(2))
     assert all((r.cta.rates[k] == m.cta.rates[k]).all() for k in ones)
     assert torch.equal(r.generator.get_state(), m.generator.get_state())
-    assert len(r._pending) == 1 and torch.equal(r._pending[0][1], m._pending[0][1])
+    assert len(r.cta.pending) == 1 and torch.equal(r.cta.pending[0][1], m.cta.pending[0][1])
     assert r_out.loss.item() == out.loss.item()
 
 

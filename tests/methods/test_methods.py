@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from sslseg.engine.loop import _Trainer
-from sslseg.engine.config import EngineConfig
+from sslseg.engine import EngineConfig, Trainer
 from sslseg.methods import SSLMethod, get_method, list_methods
 
 TINY = {2: "synthetic:acdc?cases=6&slices=2&size=32", 3: "synthetic:la?cases=5&size=32"}
@@ -19,11 +18,11 @@ STEPS = 3
 CASES = [(name, dim) for name in list_methods() for dim in get_method(name).dims]
 
 
-def _trainer(name: str, dim: int, tmp_path, **engine) -> _Trainer:
+def _trainer(name: str, dim: int, tmp_path, **engine) -> Trainer:
     cls = get_method(name)
     eng = EngineConfig(data=TINY[dim], labeled=2, iterations=STEPS, batch_size=4, labeled_bs=2, val_every=STEPS,
                        log_every=1, patch_size=TINY_PATCH[dim], progress=False, **engine)
-    return _Trainer(cls, eng, cls.Config(), out_dir=tmp_path / f"{name}{dim}", resume=False)
+    return Trainer(cls, eng, out_dir=tmp_path / f"{name}{dim}")
 
 
 def _params(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sslseg.data import Batch
-from sslseg.engine.schedules import sigmoid_rampup
+from sslseg.utils.schedules import sigmoid_rampup
 from sslseg.methods import NetworkSpec, StepContext, get_method
 from sslseg.methods.uamt import uamt_threshold, uncertainty_masked_mse
 

@@ -119,3 +119,32 @@ def test_model_options_are_reported():
     assert model_info("swin_unet").options[0] == "img_size"
     assert "img_size" in model_info("swin_unet").options
     assert model_info("unet_3d").summary.startswith("3D U-Net")
+
+
+def test_size_hook_fits_a_patch_for_fixed_size_models_only():
+    from sslseg.models._registry import fit_input_size, options_for_size
+
+    # Swin-UNet takes multiples of 4 * 2**(stages - 1), rounded down, at least one multiple.
+    assert fit_input_size("swin_unet", (80, 100)) == (64, 96)
+    assert fit_input_size("swin_unet", (20, 200)) == (32, 192)
+    assert fit_input_size("swin_unet", (80, 80), {"depths": (2, 2, 2)}) == (80, 80)  # 3 stages: multiples of 16
+    assert fit_input_size("swin_unet", (80, 80), {"img_size": 96}) == (96, 96)  # an explicit size is fixed
+    assert fit_input_size("unet", (80, 72)) == (80, 72)  # no hook: the size is checked at forward
+    assert options_for_size("swin_unet", (64, 96), {"embed_dim": 12}) == {"embed_dim": 12, "img_size": (64, 96)}
+    assert options_for_size("unet", (80, 72), {"channels": (4, 8)}) == {"channels": (4, 8)}
+    with pytest.raises(ValueError, match=r"'swin_unet' cannot take inputs of size \[80, 80\].*is \[64, 64\]"):
+        options_for_size("swin_unet", (80, 80))
+    with pytest.raises(ValueError, match=r"'swin_unet' cannot take inputs of size \[64, 64\].*is \[96, 96\]"):
+        options_for_size("swin_unet", (64, 64), {"img_size": 96})
+    with pytest.raises(ValueError, match=r"fit_input_size\('swin_unet'\): size must be 2 positive ints"):
+        fit_input_size("swin_unet", (64, 64, 64))
+    # What the hook gives builds a network for that size.
+    net = create_model("swin_unet", 1, 2, **options_for_size("swin_unet", (32, 64), {"embed_dim": 12,
+                                                                                     "num_heads": (1, 1, 1, 1)}))
+    assert net(torch.zeros(1, 1, 32, 64)).shape == (1, 2, 32, 64)
+
+
+def test_register_model_checks_its_size_hook():
+    with pytest.raises(TypeError, match="fit_size must be callable or None"):
+        register_model("test_bad_hook", dim=2, fit_size=3)
+    assert model_info("unet").fit_size is None and model_info("swin_unet").fit_size is not None
