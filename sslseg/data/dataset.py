@@ -103,6 +103,56 @@ class CaseDataset:
         self._by_case = {c: tuple(sorted(v)) for c, v in sorted(by_case.items())}
         self._spacing: tuple[float, ...] | None = None
         self._in_channels: int | None = None
+        self._raw_volumes: dict[str, VolumeRecord] = dict(self._volumes)
+        #: The :class:`~sslseg.data.Plan` whose preprocessed cache this dataset reads (after
+        #: :meth:`prepare`), else None (volumes read as stored).
+        self.plan = None
+        self.cache_dir: Path | None = None
+
+    # ---------------------------------------------------------------------------- preprocessing
+    @property
+    def needs_preprocessing(self) -> bool:
+        """True for raw NIfTI folders (resampled and normalised by a plan before training); False
+        for SSL4MIS h5 layouts and phantoms, which are stored preprocessed (identity plan)."""
+        return self.layout == "nifti"
+
+    def prepare(self, plan=None, *, jobs: int = 1, out: str | os.PathLike | None = None,
+                progress: bool | None = None) -> CaseDataset:
+        """Plan (unless given) and preprocess this dataset, then read it from the cache.
+
+        Afterwards every read (training patches, whole volumes for validation) comes from the
+        memory-mapped cache at the plan's target spacing, cropped and normalised; ``spacing`` is
+        the target spacing and ``plan`` is set. Cheap when the cache is complete. A no-op for data
+        that need no preprocessing (see :attr:`needs_preprocessing`).
+
+        Args:
+            plan: a :class:`~sslseg.data.Plan` or ``plan.json`` path; default ``plan(self, dim=self.dim)``.
+            jobs: worker processes for preprocessing.
+            out: cache folder (default: keyed by data and plan under the cache root).
+            progress: progress bar (default: when stderr is a terminal).
+
+        Returns:
+            ``self``.
+        """
+        if not self.needs_preprocessing:
+            return self
+        from .planning import Plan
+        from .planning import plan as make_plan
+        from .preprocess import cached_records, preprocess
+
+        if self.plan is not None and plan is None:
+            return self
+        self._volumes = self._raw_volumes  # plan and preprocess from the files
+        if plan is None:
+            plan = make_plan(self, dim=self.dim)
+        elif not isinstance(plan, Plan):
+            plan = Plan.from_json(plan)
+        folder = preprocess(self, plan, out=out, jobs=jobs, progress=progress)
+        self._volumes = dict(cached_records(self, plan, folder))
+        self.plan, self.cache_dir = plan, folder
+        self.dim = plan.dim
+        self._spacing = None
+        return self
 
     # ------------------------------------------------------------------------------- catalogue
     @property
@@ -126,12 +176,25 @@ class CaseDataset:
             raise KeyError(did_you_mean(case, self._by_case, "case"))
         return self._by_case[case]
 
-    def record(self, volume_id: str) -> VolumeRecord:
-        """The storage record of a volume (advanced use: reading slices, file locations)."""
-        rec = self._volumes.get(volume_id) or self._index.extra_images.get(volume_id)
+    def raw_record(self, volume_id: str) -> VolumeRecord:
+        """The record of a volume as stored (its files), even after :meth:`prepare`."""
+        return self._lookup(self._raw_volumes, volume_id)
+
+    def _lookup(self, volumes: dict[str, VolumeRecord], volume_id: str) -> VolumeRecord:
+        rec = volumes.get(volume_id) or self._index.extra_images.get(volume_id)
         if rec is None:
-            raise KeyError(did_you_mean(volume_id, [*self._volumes, *self._index.extra_images], "volume"))
+            raise KeyError(did_you_mean(volume_id, [*volumes, *self._index.extra_images], "volume"))
         return rec
+
+    @property
+    def unlabeled_cases(self) -> tuple[str, ...]:
+        """Cases whose images have no label (NIfTI ``imagesTr`` without label, ``imagesUnlabeled``)."""
+        return tuple(self.official.get("unlabeled", ()))
+
+    def record(self, volume_id: str) -> VolumeRecord:
+        """The storage record of a volume (advanced use: reading slices, file locations); after
+        :meth:`prepare`, its preprocessed cache record."""
+        return self._lookup(self._volumes, volume_id)
 
     @property
     def num_classes(self) -> int:
@@ -143,6 +206,8 @@ class CaseDataset:
                 # No dataset.json and no num_classes=: scan every label once, and say so.
                 top = 0
                 for rec in self._volumes.values():
+                    if getattr(rec, "label_path", True) is None:
+                        continue  # an unlabeled image
                     _, lab = rec.read(with_label=True)
                     top = max(top, int(lab.max()) if lab.size else 0)
                 self._num_classes = top + 1
@@ -194,9 +259,11 @@ class CaseDataset:
 
     @property
     def intensity(self) -> str:
-        """The per-volume normalisation (``zscore``, ``minmax`` or ``none``) that turns a raw image
-        of this dataset into what the network sees; stored with trained models so that inference
-        on new files normalises as training did.
+        """The per-volume normalisation convention of this dataset (``zscore``, ``minmax`` or ``none``).
+
+        NIfTI folders read without a plan apply it on read, and models trained so record it for
+        inference. Data stored normalised (SSL4MIS h5, phantoms) are read as they are: their
+        models record ``none``, whatever the convention their preprocessing followed.
 
         NIfTI folders: the ``intensity`` given to :func:`load`. SSL4MIS h5 files are stored
         normalised by their preprocessing: min-max for ACDC, z-score for LA and BraTS (the
@@ -221,7 +288,7 @@ class CaseDataset:
     # ------------------------------------------------------------------------------------ splits
     def split(
         self,
-        labeled: int | float | None = None,
+        labeled: int | float | str | None = None,
         *,
         seed: int = 0,
         order: str = "random",
@@ -242,8 +309,14 @@ class CaseDataset:
         * ``fold=k`` (k-fold cross-validation by case): train+val are pooled, cut into ``folds``
           seeded folds (``fold_seed``); fold ``k`` is validation, the rest is training.
         * ``labeled`` picks labeled training cases: an int is a number of cases (patients), a float
-          in (0, 1] a fraction of them, None all (fully supervised). ``order="random"`` draws them
-          with ``seed``; ``order="ssl4mis"`` takes the first N in list order (SSL4MIS's legacy).
+          in (0, 1] a fraction of them, None or ``"all"`` all (fully supervised). ``order="random"``
+          draws them with ``seed``; ``order="ssl4mis"`` takes the first N in list order (SSL4MIS's legacy).
+        * Images without labels (NIfTI ``imagesTr`` without a ``labelsTr`` file, ``imagesUnlabeled/``)
+          are always unlabeled: validation is drawn from the labeled training cases, the test split
+          is ``imagesTs`` with ``labelsTs`` when present (else drawn from the labeled cases),
+          ``labeled=N`` takes N of the remaining labeled cases, and every image without a label
+          joins ``unlabeled_cases``. Asking for more labeled cases than exist is a ``ValueError``
+          giving the counts. The rule is recorded in ``split.meta`` (saved in ``split.json``).
 
         Args:
             labeled: number or fraction of training cases that are labeled; None for all.
@@ -359,6 +432,8 @@ class CaseDataset:
         if any(self.official.values()):
             sizes = ", ".join(f"{k} {len(v)}" for k, v in self.official.items())
             lines.append(f"  official lists: {sizes} cases")
+        n_unl = len(self.unlabeled_cases)
+        lines.append(f"  {len(self.cases) - n_unl} labeled, {n_unl} unlabeled cases")
         return "\n".join(lines)
 
     def __len__(self) -> int:
@@ -383,6 +458,13 @@ def load(
     Synthetic specs generate phantoms in memory, deterministically, with no download:
     ``synthetic:acdc``, ``synthetic:la``, ``synthetic:brats``, with options as a query string, e.g.
     ``synthetic:acdc?cases=12&slices=6&size=64&seed=1`` (see :func:`sslseg.data.synthetic_options`).
+    ``synthetic:ct`` (abdomen CT in HU, per-case spacing, unlabeled images) is written once into
+    the cache as an nnU-Net raw folder and read like one.
+
+    NIfTI folders (nnU-Net v2 raw: ``imagesTr``/``labelsTr``/``imagesTs``/``labelsTs`` and
+    ``dataset.json``; MSD 4D files) may hold unlabeled images: in ``imagesTr`` without a label
+    file, or in ``imagesUnlabeled/``. They are read as stored; training plans and preprocesses
+    them on first use (:meth:`CaseDataset.prepare`).
 
     Args:
         spec: path to a data root, ``synthetic:<kind>[?k=v&...]``, or an already loaded dataset.

@@ -296,14 +296,28 @@ def _read_dataset_json(root: Path, index: Index) -> tuple[str, ...] | None:
     return tuple(pairs[i] for i in range(len(pairs)))
 
 
+#: Folder of extra unlabeled training images beside ``imagesTr`` (sslseg's extension of nnU-Net).
+UNLABELED_DIR = "imagesUnlabeled"
+
+
 def index_nifti(root: Path, intensity: str = "zscore") -> Index:
-    """nnU-Net / MSD folders: ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/`` (+ ``labelsTs/``)."""
+    """nnU-Net / MSD folders: ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/`` (+ ``labelsTs/``).
+
+    Unlabeled images are part of the dataset, never an error: a training image in ``imagesTr``
+    without a file in ``labelsTr``, and every image in ``imagesUnlabeled/`` (same naming as
+    ``imagesTr``), is an unlabeled case (``official["unlabeled"]``): the split puts it in the
+    unlabeled group, never in labeled, validation or test. ``imagesTs`` without ``labelsTs`` are
+    kept aside for inference (``extra_images``).
+    """
     index = Index("nifti", root, dim=3)
     index.class_names = _read_dataset_json(root, index)
     official: dict[str, list[str]] = {}
-    for img_dir, lab_dir, group in (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test")):
+    unlabeled: list[str] = []
+    n_train_volumes = 0
+    folders = (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test"), (UNLABELED_DIR, None, "unlabeled"))
+    for img_dir, lab_dir, group in folders:
         images = _nifti_files(root / img_dir, index)
-        labels = _nifti_files(root / lab_dir, index)
+        labels = _nifti_files(root / lab_dir, index) if lab_dir else {}
         if not images:
             if group == "train":
                 index.problems.append((str(root / img_dir), "no .nii/.nii.gz images found"))
@@ -317,21 +331,64 @@ def index_nifti(root: Path, intensity: str = "zscore") -> Index:
         kept = []
         for vid, paths in groups.items():
             label = labels.get(vid)
-            if label is None:
-                index.problems.append((str(paths[0]), f"image of case {vid!r} has no label {root / lab_dir / (vid + '.nii.gz')}"))
-                continue
             if vid in index.volumes:
-                index.problems.append((str(paths[0]), f"case {vid!r} appears in both imagesTr and imagesTs"))
+                index.problems.append((str(paths[0]), f"case {vid!r} appears in both {img_dir} and another images folder"))
+                continue
+            if label is None and group == "test":
+                index.problems.append((str(paths[0]), f"test image of case {vid!r} has no label {root / lab_dir / (vid + '.nii.gz')} "
+                                       f"(labelsTs exists, so every imagesTs case needs one)"))
                 continue
             # ACDC-style names (patient001_frame01) group the frames of a patient into one case.
             index.volumes[vid] = NiftiVolume(vid, case_of(vid), image_paths=paths, label_path=label, intensity=intensity)
-            kept.append(vid)
+            if label is None:
+                unlabeled.append(vid)
+            else:
+                kept.append(vid)
         for stem in sorted(set(labels) - set(groups)):
             index.problems.append((str(labels[stem]), f"label of case {stem!r} has no image in {root / img_dir}"))
-        official[group] = _unique_cases(kept)
+        if group != "unlabeled":
+            official[group] = _unique_cases(kept)
+        if group == "train":
+            n_train_volumes = len(kept)
+    unlabeled_cases = _unique_cases(unlabeled)
+    labeled_cases = {c for g in official.values() for c in g}
+    for c in sorted(set(unlabeled_cases) & labeled_cases):
+        index.problems.append((str(root), f"case {c!r} has both labeled and unlabeled volumes (label every frame or none)"))
     if "test" in official:
         index.official = official  # val is carved from train at split time
+    if unlabeled_cases:
+        index.official["unlabeled"] = unlabeled_cases
+    _check_dataset_json(root, index, n_train_volumes, len(unlabeled))
     return index
+
+
+def _check_dataset_json(root: Path, index: Index, labeled: int, unlabeled: int) -> None:
+    """A ``dataset.json`` that disagrees with the files is a problem naming it."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # reported by _read_dataset_json
+    channels = meta.get("channel_names", meta.get("modality"))
+    if isinstance(channels, dict) and index.volumes:
+        first = next(iter(index.volumes.values()))
+        n_files = len(first.image_paths)
+        if n_files > 1 and len(channels) != n_files:
+            index.problems.append((str(path), f"channel_names lists {len(channels)} channel(s) {sorted(channels.values())} "
+                                   f"but the cases have {n_files} channel files (_0000.._{n_files - 1:04d})"))
+    ending = meta.get("file_ending")
+    if isinstance(ending, str) and ending not in _NIFTI_EXT:
+        index.problems.append((str(path), f"file_ending {ending!r} is not read by sslseg (expected one of {list(_NIFTI_EXT)})"))
+    elif isinstance(ending, str):
+        other = [rec.image_paths[0] for rec in index.volumes.values() if not str(rec.image_paths[0]).endswith(ending)]
+        if other:
+            index.problems.append((str(path), f"file_ending is {ending!r} but {other[0]} (and {len(other) - 1} more) end differently"))
+    n = meta.get("numTraining")
+    if isinstance(n, int) and not isinstance(n, bool) and n not in (labeled, labeled + unlabeled):
+        index.problems.append((str(path), f"numTraining is {n} but imagesTr/labelsTr hold {labeled} labeled image(s)"
+                               + (f" (+ {unlabeled} unlabeled)" if unlabeled else "")))
 
 
 def detect_layout(root: Path) -> str:

@@ -18,7 +18,7 @@ from .batch import Batch, collate
 from .dataset import CaseDataset, Volume, load
 from .errors import did_you_mean
 from .policies import RandAugment, StrongAugment
-from .samplers import DistributedTwoStreamBatchSampler, TwoStreamBatchSampler, derive_seed, seed_worker
+from .samplers import DistributedTwoStreamBatchSampler, PatchSampler, TwoStreamBatchSampler, derive_seed, seed_worker
 from .splits import Split
 from .transforms import Augment2D, Augment3D
 
@@ -66,6 +66,9 @@ class TrainSamples(torch.utils.data.Dataset):
         strong: photometric strong augment ``(image, *, generator) -> image``, or None.
         strong_views: strong views per unlabeled sample (1 or 2); labeled samples get one.
         seed: seed used when an index comes without a per-sample seed.
+        patch_sampler: reads 3D samples as patches (a :class:`~sslseg.data.samplers.PatchSampler`,
+            for preprocessed, memory-mapped volumes: foreground oversampling, only the patch read)
+            before ``augment``; None reads whole volumes.
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class TrainSamples(torch.utils.data.Dataset):
         strong: Callable | None = None,
         strong_views: int = 1,
         seed: int = 0,
+        patch_sampler: PatchSampler | None = None,
     ) -> None:
         self.dataset = dataset
+        self.patch_sampler = patch_sampler
         self.labeled_refs = dataset.training_refs(labeled_cases)
         self.unlabeled_refs = dataset.training_refs(unlabeled_cases)
         self.refs = self.labeled_refs + self.unlabeled_refs
@@ -106,14 +111,17 @@ class TrainSamples(torch.utils.data.Dataset):
         vid, k = self.refs[index]
         record = self.dataset.record(vid)
         spacing = self._spacing[vid]
-        if k is None:
+        g = torch.Generator().manual_seed(int(seed))
+        if k is None and self.patch_sampler is not None:
+            image, label = self.patch_sampler(record, labeled, g)
+            sid = vid
+        elif k is None:
             image, label = record.read(with_label=labeled)
             sid = vid
         else:
             image, label = record.read_slice(k, with_label=labeled)
             spacing = spacing[1:]
             sid = f"{vid}_slice_{k}"
-        g = torch.Generator().manual_seed(int(seed))
         img_t = torch.from_numpy(np.ascontiguousarray(image))
         lab_t = torch.from_numpy(np.ascontiguousarray(label)) if labeled else None
         img_t, lab_t, spacing = self.augment(img_t, lab_t, generator=g, spacing=tuple(spacing))
@@ -226,12 +234,19 @@ def make_train_loader(
     pin_memory: bool = False,
     distributed: bool | tuple[int, int] = False,
     persistent_workers: bool | None = None,
+    use_plan: bool = True,
 ) -> TrainLoader:
     """Build the training loader of a split: two-stream batches with augmentation.
 
     2D datasets (ACDC-like) train on slices of the training cases (``data/slices`` in the h5
     layout) with :class:`Augment2D` (rot90+flip or small rotation, resize to the patch); 3D
     datasets on volumes with :class:`Augment3D` (foreground-aware random crop, rot90, flips).
+
+    Raw NIfTI folders are planned and preprocessed on first use (:meth:`CaseDataset.prepare`:
+    crop, normalise, resample to the plan's spacing, cached as memory-mapped arrays); 3D patches
+    are then read from the cache, one in three labeled patches (the plan's
+    ``foreground_oversample``) centred on a foreground voxel of a random present class, unlabeled
+    patches uniformly. SSL4MIS h5 layouts and phantoms are read exactly as stored.
 
     Args:
         dataset: a :class:`CaseDataset` (or a spec for :func:`load`).
@@ -256,6 +271,9 @@ def make_train_loader(
             ``(num_replicas, rank)``.
         persistent_workers: keep workers alive across epochs (default: True when
             ``num_workers > 0``).
+        use_plan: plan and preprocess raw NIfTI folders (default); False reads them as stored
+            (per-volume normalisation on read, no resampling, uniform crops of whole volumes),
+            the path of sslseg before plans, kept for comparisons.
 
     Returns:
         A :class:`TrainLoader`: ``for batch in loader`` is one epoch; ``loader.forever()`` is
@@ -278,6 +296,16 @@ def make_train_loader(
         raise ValueError(f"strong_views must be 1 or 2, got {strong_views!r}")
     if not split.labeled_cases:
         raise ValueError("split has no labeled cases; a training loader needs at least one")
+    if use_plan:
+        dataset.prepare()
+    patch_sampler = None
+    if dataset.plan is not None and dataset.dim == 3:
+        if patch_size is None:
+            patch_size = dataset.plan.patch_size
+        ps = (int(patch_size),) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+        patch_sampler = PatchSampler(ps, dataset.plan.foreground_oversample)
+        if augment is None:  # the patch is already cut (foreground-aware): flips and rot90 only
+            augment = Augment3D(ps, foreground_prob=0.0)
     if augment is None:
         if patch_size is None:
             raise ValueError("patch_size must be given unless augment is")
@@ -289,7 +317,8 @@ def make_train_loader(
             "of all training cases); use unlabeled_bs=0 for fully supervised training"
         )
     unlabeled_cases = split.unlabeled_cases if unlabeled_bs else ()
-    samples = TrainSamples(dataset, split.labeled_cases, unlabeled_cases, augment, strong, strong_views, seed)
+    samples = TrainSamples(dataset, split.labeled_cases, unlabeled_cases, augment, strong, strong_views, seed,
+                           patch_sampler=patch_sampler)
     labeled_idx = range(samples.n_labeled)
     unlabeled_idx = range(samples.n_labeled, len(samples))
     kwargs = dict(seed=seed, batches_per_epoch=batches_per_epoch)

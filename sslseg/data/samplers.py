@@ -182,3 +182,61 @@ class DistributedTwoStreamBatchSampler(TwoStreamBatchSampler):
             rank=rank,
             with_seeds=with_seeds,
         )
+
+
+# ------------------------------------------------------------------------------ patch locations
+def patch_start(
+    shape: Sequence[int],
+    patch: Sequence[int],
+    generator: torch.Generator,
+    foreground: np.ndarray | None = None,
+) -> list[int]:
+    """Lower corner of a training patch inside a volume of ``shape``.
+
+    With ``foreground`` rows ``(class, *index)`` (e.g. a cached volume's sampled foreground
+    voxels), a class is drawn uniformly among those present, then one of its voxels, and the
+    patch is centred on it (nnU-Net's oversampling: rare small organs are seen as often as large
+    ones). Without, the corner is uniform. Corners may be negative or overhang where the volume is
+    smaller than the patch (the reader zero-pads); otherwise the patch stays inside the volume.
+    """
+    lo = [min(0, s - p) for s, p in zip(shape, patch)]
+    hi = [max(0, s - p) for s, p in zip(shape, patch)]
+    if foreground is not None and len(foreground):
+        classes = np.unique(foreground[:, 0])
+        c = classes[int(torch.randint(len(classes), (1,), generator=generator))]
+        rows = np.flatnonzero(foreground[:, 0] == c)
+        centre = foreground[rows[int(torch.randint(len(rows), (1,), generator=generator))], 1:]
+        return [int(min(max(int(x) - p // 2, a), b)) for x, p, a, b in zip(centre, patch, lo, hi)]
+    return [int(torch.randint(a, b + 1, (1,), generator=generator)) for a, b in zip(lo, hi)]
+
+
+class PatchSampler:
+    """Reads training patches from preprocessed (memory-mapped) volumes.
+
+    Labeled samples are centred on a foreground voxel of a random present class with probability
+    ``foreground_prob`` (default one in three); otherwise, and always for unlabeled samples (whose
+    labels are never read), the patch position is uniform. Only the patch is read from disk.
+
+    Args:
+        patch_size: ``(D, H, W)``.
+        foreground_prob: probability of a foreground-centred patch for labeled samples.
+    """
+
+    def __init__(self, patch_size: Sequence[int], foreground_prob: float = 0.33) -> None:
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (D, H, W), got {tuple(patch_size)!r}")
+        if not 0 <= foreground_prob <= 1:
+            raise ValueError(f"foreground_prob must be in [0, 1], got {foreground_prob}")
+        self.foreground_prob = float(foreground_prob)
+
+    def __call__(self, record, labeled: bool, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image ``(C, *patch)`` and label ``(*patch)`` (None when unlabeled) of one sample."""
+        fg = None
+        if labeled and float(torch.rand((), generator=generator)) < self.foreground_prob:
+            fg = record.foreground()
+        starts = patch_start(record.shape(), self.patch_size, generator, fg)
+        return record.read_patch(starts, self.patch_size, with_label=labeled)
+
+    def __repr__(self) -> str:
+        return f"PatchSampler(patch_size={self.patch_size}, foreground_prob={self.foreground_prob})"

@@ -151,9 +151,11 @@ def _check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
-def _num_labeled(labeled: int | float | None, n_train: int) -> int:
-    if labeled is None:
+def _num_labeled(labeled: int | float | str | None, n_train: int) -> int:
+    if labeled is None or (isinstance(labeled, str) and labeled == "all"):
         return n_train
+    if isinstance(labeled, str):
+        raise ValueError(f"labeled must be an int (cases), a float in (0, 1], 'all' or None, got {labeled!r}")
     if isinstance(labeled, bool):
         raise TypeError(f"labeled must be an int (cases), a float in (0, 1] or None, got {labeled!r}")
     if isinstance(labeled, (int, np.integer)):
@@ -194,9 +196,12 @@ def make_split(
     train = list(official.get("train", ()))
     val = list(official.get("val", ()))
     test = list(official.get("test", ()))
+    # Images without labels (NIfTI folders) are unlabeled whatever else happens.
+    pool_unlabeled = list(official.get("unlabeled", ()))
+    no_labels = set(pool_unlabeled)
     if not train and not val and not test:
-        # No lists (NIfTI folders): carve test, then val, from all cases, seeded by fold_seed.
-        train, test = _carve(list(cases), test_fraction, fold_seed, 1)
+        # No lists (NIfTI folders): carve test, then val, from the labeled cases, seeded by fold_seed.
+        train, test = _carve([c for c in cases if c not in no_labels], test_fraction, fold_seed, 1)
         train, val = _carve(train, val_fraction, fold_seed, 2)
     elif not val and fold is None:
         # LA (UA-MT) ships train/test only: take validation from train, never from test.
@@ -216,7 +221,14 @@ def make_split(
         train = [c for i, c in enumerate(pool) if i not in in_fold]
 
     if not train:
-        raise ValueError(f"dataset {dataset!r} has no training cases to split")
+        raise ValueError(f"dataset {dataset!r} has no labeled training cases to split"
+                         + (f" ({len(pool_unlabeled)} unlabeled images)" if pool_unlabeled else ""))
+    if pool_unlabeled and isinstance(labeled, (int, np.integer)) and not isinstance(labeled, bool) and labeled > len(train):
+        raise ValueError(
+            f"labeled={labeled} asks for more labeled cases than exist: dataset {dataset!r} has "
+            f"{len(train) + len(val) + len(test)} labeled cases ({len(val)} validation, {len(test)} test, "
+            f"{len(train)} left for training) and {len(pool_unlabeled)} unlabeled images"
+        )
     n = _num_labeled(labeled, len(train))
     if order == "ssl4mis":
         chosen = set(range(n))
@@ -224,7 +236,15 @@ def make_split(
         chosen = set(_rng(seed, 4).permutation(len(train))[:n].tolist())
     # Keep list order inside each group so splits read naturally and diff cleanly.
     labeled_cases = [c for i, c in enumerate(train) if i in chosen]
-    unlabeled_cases = [c for i, c in enumerate(train) if i not in chosen]
+    unlabeled_cases = [c for i, c in enumerate(train) if i not in chosen] + pool_unlabeled
+    meta = {}
+    if pool_unlabeled:
+        meta = {
+            "unlabeled_images": len(pool_unlabeled),
+            "rule": "validation drawn from the labeled training cases (seeded by fold_seed); test = imagesTs "
+                    "with labelsTs when present, else drawn from the labeled cases; labeled=N takes N of the "
+                    "remaining labeled cases (seeded by seed); every image without a label is unlabeled",
+        }
     return Split(
         labeled_cases=tuple(labeled_cases),
         unlabeled_cases=tuple(unlabeled_cases),
@@ -236,4 +256,5 @@ def make_split(
         fold=fold,
         folds=int(folds),
         fold_seed=int(fold_seed),
+        meta=meta,
     )

@@ -16,6 +16,11 @@ the number of cases:
 Every kind varies shape, size, position, orientation, tissue intensities and contrast per case,
 and adds a smooth multiplicative bias field, partial-volume blur and Rician noise.
 
+A fourth kind, ``ct`` (abdomen-like CT in Hounsfield units, per-case spacing, unlabeled images;
+see :mod:`sslseg.data.synthetic_ct`), is an nnU-Net raw folder rather than SSL4MIS data: options
+``cases`` (labeled, 12), ``unlabeled`` (4), ``test`` (4), ``size`` (nominal in-plane voxels, 64),
+``seed``.
+
 Options (``synthetic:<kind>?k=v&...`` or keyword arguments of :func:`make_synthetic`):
 
 =========  =======  ==============================================================
@@ -46,20 +51,24 @@ from .errors import check_choice
 from .layouts import DEFAULT_CLASSES, LA_FILE, Index
 from .storage import MemoryVolume
 
-KINDS = ("acdc", "la", "brats")
-_KIND_CODE = {"acdc": 1, "la": 2, "brats": 3}
+KINDS = ("acdc", "la", "brats", "ct")
+_KIND_CODE = {"acdc": 1, "la": 2, "brats": 3, "ct": 4}
 _DEFAULTS = {
     "acdc": {"cases": 30, "size": 80, "slices": 8, "seed": 0},
     "la": {"cases": 20, "size": 64, "seed": 0},
     "brats": {"cases": 20, "size": 64, "seed": 0},
+    "ct": {"cases": 12, "unlabeled": 4, "test": 4, "size": 64, "seed": 0},
 }
+#: Version of the synthetic:ct generator (bump when its output changes).
+_CT_VERSION = 1
 ACDC_SPACING = (10.0, 1.5, 1.5)
 LA_SPACING = (1.0, 1.0, 1.0)
 BRATS_SPACING = (1.0, 1.0, 1.0)
 
 
 def synthetic_options(kind: str) -> dict[str, int]:
-    """Default options of a synthetic kind (``cases``, ``size``, ``slices``, ``seed``)."""
+    """Default options of a synthetic kind (``cases``, ``size``, ``slices``, ``seed``; ``ct`` also
+    ``unlabeled`` and ``test``)."""
     check_choice("kind", kind, KINDS)
     return dict(_DEFAULTS[kind])
 
@@ -78,7 +87,7 @@ def _resolve_options(kind: str, options: dict) -> dict[str, int]:
         if isinstance(v, float) and iv != v:
             raise ValueError(f"synthetic:{kind} option {k} must be an integer, got {v!r}")
         out[k] = iv
-    minimum = {"cases": 3, "size": 16, "slices": 1, "seed": 0}
+    minimum = {"cases": 3, "size": 16, "slices": 1, "seed": 0, "unlabeled": 0, "test": 0}
     for k, lo in minimum.items():
         if k in out and out[k] < lo:
             raise ValueError(f"synthetic:{kind} option {k} must be >= {lo}, got {out[k]}")
@@ -470,6 +479,15 @@ def synthetic_index(spec: str) -> tuple[Index, str]:
     """Build the in-memory index of ``synthetic:<kind>[?options]``; returns (index, canonical name)."""
     kind, raw = parse_spec(spec)
     opts = _resolve_options(kind, raw)
+    defaults = synthetic_options(kind)
+    changed = {k: v for k, v in opts.items() if v != defaults[k]}
+    name = f"synthetic:{kind}" + ("?" + "&".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "")
+    if kind == "ct":
+        # CT phantoms are an nnU-Net raw folder (per-case spacing, unlabeled images, imagesTs):
+        # written once into the cache and read like a user's folder, so they exercise the planner.
+        from .layouts import index_nifti
+
+        return index_nifti(materialise_ct(opts)), name
     volumes = _generate(kind, tuple(sorted(opts.items())))
     spacing = {"acdc": ACDC_SPACING, "la": LA_SPACING, "brats": BRATS_SPACING}[kind]
     index = Index("synthetic", Path("."), dim=2 if kind == "acdc" else 3, class_names=DEFAULT_CLASSES[kind])
@@ -477,10 +495,37 @@ def synthetic_index(spec: str) -> tuple[Index, str]:
     for vid, case, im, lb in volumes:
         index.volumes[vid] = MemoryVolume(vid, case, image=im[None], label=lb, voxel_spacing=spacing)
     index.official = _official_lists(kind, opts["cases"], opts["seed"])
-    defaults = synthetic_options(kind)
-    changed = {k: v for k, v in opts.items() if v != defaults[k]}
-    name = f"synthetic:{kind}" + ("?" + "&".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "")
     return index, name
+
+
+def materialise_ct(opts: dict[str, int]) -> Path:
+    """The cached nnU-Net raw folder of ``synthetic:ct`` with ``opts`` (written on first use).
+
+    Written into a temporary sibling and renamed, so an interrupted generation is never read.
+    """
+    import shutil
+
+    from .cache import cache_root, stable_hash
+
+    # The generator's version is part of the key: a changed generator never reuses old folders.
+    root = cache_root() / "synthetic" / f"ct-{stable_hash([_CT_VERSION, sorted(opts.items())], 12)}"
+    if (root / "dataset.json").is_file():
+        return root
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_ct(tmp, opts)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _write_ct(root: Path, opts: dict[str, int]) -> Path:
+    from .synthetic_ct import write_ct_folder  # it builds on this module's shape helpers
+
+    root.mkdir(parents=True, exist_ok=True)
+    return write_ct_folder(root, opts, lambda i: _rng(opts["seed"], "ct", i), _write_nifti)
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -511,7 +556,7 @@ def make_synthetic(
     num_cases: int | None = None,
     seed: int = 0,
     *,
-    layout: str = "ssl4mis",
+    layout: str | None = None,
     **options: int,
 ) -> Path:
     """Write a synthetic dataset to disk, in the SSL4MIS layout of its kind or as NIfTI.
@@ -527,15 +572,21 @@ def make_synthetic(
     ``nifti``: ``imagesTr/<volume>_0000.nii.gz``, ``labelsTr/<volume>.nii.gz`` and a
     ``dataset.json`` (nnU-Net v2 style) with the voxel spacing in the headers.
 
+    ``ct`` exists only as an nnU-Net raw folder (``layout="nifti"``, its default): labelled and
+    unlabelled training images in ``imagesTr`` (the latter without a file in ``labelsTr``), test
+    cases in ``imagesTs`` + ``labelsTs``, options ``cases`` (labelled, 12), ``unlabeled`` (4),
+    ``test`` (4), ``size`` (nominal in-plane voxels, 64), ``seed``; see
+    :mod:`sslseg.data.synthetic_ct`.
+
     Every h5 file also carries its voxel spacing as a ``spacing`` attribute (SSL4MIS files have
     none; the reader uses it when present).
 
     Args:
-        kind: ``acdc``, ``la`` or ``brats``.
+        kind: ``acdc``, ``la``, ``brats`` or ``ct``.
         out_dir: folder to write (created; existing files of the same names are overwritten).
         num_cases: number of patients/cases (default: the kind's default, see module docs).
         seed: generation seed.
-        layout: ``ssl4mis`` or ``nifti``.
+        layout: ``ssl4mis`` or ``nifti`` (default: ``nifti`` for ``ct``, else ``ssl4mis``).
         **options: other generation options (``size``, ``slices``).
 
     Returns:
@@ -548,13 +599,19 @@ def make_synthetic(
         ['test.list', 'train.list', 'train_slices.list', 'val.list']
     """
     check_choice("kind", kind, KINDS)
+    if layout is None:
+        layout = "nifti" if kind == "ct" else "ssl4mis"
     check_choice("layout", layout, ("ssl4mis", "nifti"))
+    if kind == "ct" and layout != "nifti":
+        raise ValueError("synthetic ct is written as an nnU-Net raw folder only: use layout='nifti' (got 'ssl4mis')")
     if num_cases is not None:
         options["cases"] = num_cases
     options["seed"] = seed
     opts = _resolve_options(kind, options)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    if kind == "ct":
+        return _write_ct(root, opts)
     volumes = _generate(kind, tuple(sorted(opts.items())))
     spacing = {"acdc": ACDC_SPACING, "la": LA_SPACING, "brats": BRATS_SPACING}[kind]
     lists = _official_lists(kind, opts["cases"], opts["seed"])

@@ -38,6 +38,8 @@ class ValidationReport:
     warnings: list[tuple[str, str]] = field(default_factory=list)
     files_checked: int = 0
     classes_seen: set[int] = field(default_factory=set)
+    labeled: int = 0
+    unlabeled: int = 0
 
     @property
     def ok(self) -> bool:
@@ -50,7 +52,8 @@ class ValidationReport:
             raise DataValidationError(self.problems)
 
     def __str__(self) -> str:
-        lines = [f"checked {self.files_checked} files: {len(self.problems)} problem(s), {len(self.warnings)} warning(s)"]
+        lines = [f"checked {self.files_checked} files: {len(self.problems)} problem(s), {len(self.warnings)} warning(s); "
+                 f"{self.labeled} labeled, {self.unlabeled} unlabeled volume(s)"]
         lines += [f"ERROR   {p}: {m}" for p, m in self.problems]
         lines += [f"WARNING {p}: {m}" for p, m in self.warnings]
         return "\n".join(lines)
@@ -193,7 +196,8 @@ def _check_nifti_volume(ck: _Checker, rec: NiftiVolume) -> None:
     if zi.shape == zl.shape and not np.allclose(zi, zl, rtol=1e-3, atol=1e-4):
         ck.problem(rec.label_path, f"label spacing {tuple(zl)} differs from image spacing {tuple(zi)}")
     elif not np.allclose(first_img.affine, lab_img.affine, rtol=1e-3, atol=1e-3):
-        ck.report.warnings.append((str(rec.label_path), "label affine differs from the image affine (orientation/origin)"))
+        ck.problem(rec.label_path, f"label affine differs from the image affine of {rec.image_paths[0]} (orientation/origin) "
+                   "beyond 1e-3")
 
 
 def validate_dataset(dataset: CaseDataset, *, raise_on_error: bool = True) -> ValidationReport:
@@ -205,7 +209,7 @@ def validate_dataset(dataset: CaseDataset, *, raise_on_error: bool = True) -> Va
     ck = _Checker(known)
     ck.report.problems.extend(index.problems)
     ck.report.warnings.extend(index.warnings)
-    for rec in dataset._volumes.values():
+    for rec in dataset._raw_volumes.values():
         if isinstance(rec, H5Volume):
             _check_h5_volume(ck, rec)
         elif isinstance(rec, NiftiVolume):
@@ -213,6 +217,9 @@ def validate_dataset(dataset: CaseDataset, *, raise_on_error: bool = True) -> Va
         elif isinstance(rec, MemoryVolume):
             ck.report.files_checked += 1
             ck.arrays(rec.location, np.asarray(rec.image), rec.label, 3)
+    unlabeled = [v for v, r in dataset._raw_volumes.items() if getattr(r, "label_path", 0) is None]
+    ck.report.labeled = len(dataset._raw_volumes) - len(unlabeled)
+    ck.report.unlabeled = len(unlabeled)
     for vid, rec in index.extra_images.items():
         if isinstance(rec, NiftiVolume):
             for p in rec.image_paths:

@@ -21,6 +21,20 @@ TINY_SPEC = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Fingerprints, preprocessed arrays and synthetic:ct folders go to a temporary cache."""
+    import os
+
+    old = os.environ.get("SSLSEG_CACHE")
+    os.environ["SSLSEG_CACHE"] = str(tmp_path_factory.mktemp("sslseg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SSLSEG_CACHE", None)
+    else:
+        os.environ["SSLSEG_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def synthetic_roots(tmp_path_factory) -> dict[str, Path]:
     """Pristine on-disk synthetic datasets (SSL4MIS layouts), written once per session."""

@@ -108,7 +108,7 @@ def test_nifti_problems(copy_root):
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), str(root / "labelsTr" / "orphan.nii.gz"))
     report = _problems(root)
     msgs = "\n".join(f"{p}: {m}" for p, m in report.problems)
-    assert "has no label" in msgs
+    assert "has no label" not in msgs and report.unlabeled == 1  # an image without label is unlabeled
     assert f"{labels[1]}: label has non-integer values (e.g. 0.5)" in msgs
     assert f"{labels[2]}: image shape" in msgs
     assert "orphan.nii.gz: label of case 'orphan' has no image" in msgs
