@@ -64,8 +64,8 @@ from _timing import metadata, write_json  # noqa: E402
 
 import sslseg  # noqa: E402
 from sslseg.methods import list_methods  # noqa: E402
-from sslseg.report import report  # noqa: E402
-from sslseg.sweep import sweep  # noqa: E402
+from sslseg.app.report import report  # noqa: E402
+from sslseg.app.sweep import sweep  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACDC = "synthetic:acdc?cases=30&size=64&slices=6"
