@@ -6,18 +6,39 @@ GPU exists it is skipped with that reason; nothing else may skip.
 
 from __future__ import annotations
 
+import getpass
 import os
 import random
+import tempfile
 
-import numpy as np
-import pytest
-import torch
+# torch.compile's on-disk cache is not keyed on ATEN_CPU_CAPABILITY although the code it generates
+# depends on it: a graph compiled under one capability and replayed under another gave wrong values
+# (torch 2.13, tests/ops/test_sliding_window.py::test_torch_compile_fullgraph_matches_eager). A run
+# that forces a capability keeps its own cache; set before torch is imported.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
-import sslseg
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import sslseg  # noqa: E402
 
 
 # A broken or missing build must fail the tests, not hide behind the reference fallbacks.
 os.environ.setdefault("SSLSEG_REQUIRE_OPS", "1")
+
+# Property tests (tests/ops/test_fuzz.py): "default" keeps each op to a few seconds and draws the
+# same examples on every run (derandomize), so CI is reproducible; "long" is for deeper runs:
+# `pytest tests/ops/test_fuzz.py --hypothesis-profile=long`. deadline=None: the first call of an op
+# pays for dispatch set-up, which would trip hypothesis' per-example deadline.
+settings.register_profile("default", max_examples=300, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")  # --hypothesis-profile=long overrides it (the plugin loads it later)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

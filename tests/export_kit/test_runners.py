@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import sslseg
-from sslseg.exporter import read_metadata
+from sslseg.app.export import read_metadata
 from sslseg.inference import importance_map, predict_slicewise, predict_volume, window_grid
 from sslseg.models import create_model
 

@@ -117,6 +117,7 @@ def test_eval_contract(built):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         last = model.to(memory_format=fmt)(x.contiguous(memory_format=fmt))
     _check_outputs(model, first, 1, size)
+    # The same kernels on the same input in eval mode (no RNG use): bit-equal by construction.
     assert torch.equal(first["logits"], second["logits"])
     assert torch.equal(first["logits"], plain)
     for a, b in zip(first.get("aux", []), second.get("aux", [])):
@@ -133,7 +134,7 @@ def test_seeded_initialisation(built):
     again = build(name, IN_CHANNELS, NUM_CLASSES, seed=0, light=True)
     assert torch.equal(torch.get_rng_state(), state_before), "seed= must not touch the global RNG"
     reference = light.state_dict()
-    assert all(torch.equal(reference[k], v) for k, v in again.state_dict().items())
+    assert all(torch.equal(reference[k], v) for k, v in again.state_dict().items())  # same seed, same draws
 
 
 def test_different_seeds_differ():

@@ -183,7 +183,7 @@ def test_module_update_without_buffers():
     ema_update_(teacher, student, 0.5, include_buffers=False)
     torch.testing.assert_close(teacher[0].weight.detach(), expected_w, rtol=1e-6, atol=1e-6)
     for k, v in teacher.named_buffers():
-        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # untouched buffers: exact
 
 
 def test_module_fp32_teacher_follows_bf16_student():
@@ -279,6 +279,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
 def test_fallback_warns_once_then_uses_reference(monkeypatch):
     monkeypatch.setattr(_loader, "_load", lambda: (False, "ImportError: simulated"))
+    monkeypatch.delenv("SSLSEG_OPS", raising=False)  # the automatic rule, not a forced backend
     monkeypatch.setenv("SSLSEG_REQUIRE_OPS", "0")
     _loader._warn_fallback_once.cache_clear()
     teacher, student = _lists([(5,)], "cpu", torch.float32, torch.float32)
@@ -300,6 +301,7 @@ def test_fallback_warns_once_then_uses_reference(monkeypatch):
 
 def test_require_ops_env_makes_missing_build_an_error(monkeypatch):
     monkeypatch.setattr(_loader, "_load", lambda: (False, "ImportError: simulated"))
+    monkeypatch.delenv("SSLSEG_OPS", raising=False)  # the automatic rule, not a forced backend
     monkeypatch.setenv("SSLSEG_REQUIRE_OPS", "1")
     with pytest.raises(RuntimeError, match=r"(?s)could not be loaded.*ImportError: simulated.*pip install --no-build-isolation"):
         ema_update_([torch.zeros(1)], [torch.zeros(1)], 0.5)
