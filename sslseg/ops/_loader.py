@@ -1,14 +1,18 @@
-"""Loading of the compiled operators (``sslseg._C``).
+"""Loading of the compiled operators (``sslseg._C``, ``sslseg._C_cuda``).
 
-Importing ``sslseg._C`` runs the static registrations of every ``torch.ops.sslseg.*`` op. When the
-extension is missing or broken, op wrappers fall back to their pure-PyTorch reference twins and warn
-once; with ``SSLSEG_REQUIRE_OPS=1`` (set by the tests and CI) they raise instead, so that a broken
-build cannot hide behind the fallback.
+Importing ``sslseg._C`` runs the static registrations of every ``torch.ops.sslseg.*`` schema and
+CPU kernel; ``sslseg._C_cuda`` adds the CUDA kernels and is imported only when the running torch is
+a CUDA build (it links libtorch_cuda, which a CPU-only torch lacks). Both target the LibTorch stable
+ABI, so one wheel loads in every torch from its target release on. When ``sslseg._C`` is missing
+or broken, op wrappers fall back to their pure-PyTorch reference twins and warn once; with
+``SSLSEG_REQUIRE_OPS=1`` (set by the tests and CI) they raise instead, so that a broken build cannot
+hide behind the fallback.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from functools import lru_cache
@@ -18,12 +22,32 @@ import torch
 _REQUIRE_ENV = "SSLSEG_REQUIRE_OPS"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """Python's short name of a dtype (``"float32"``), as the kernels' messages spell it (csrc/checks.h)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @lru_cache(maxsize=None)
 def _load() -> tuple[bool, str]:
-    """Import ``sslseg._C`` once; returns (loaded, error text)."""
+    """Import ``sslseg._C`` (then ``sslseg._C_cuda``) once; returns (loaded, error text)."""
     try:
         importlib.import_module("sslseg._C")
     except Exception as exc:  # ImportError, OSError (bad rpath), RuntimeError (schema clash)
+        return False, f"{type(exc).__name__}: {exc}"
+    _load_cuda()
+    return True, ""
+
+
+@lru_cache(maxsize=None)
+def _load_cuda() -> tuple[bool, str]:
+    """Import ``sslseg._C_cuda`` once, after ``sslseg._C``; returns (loaded, why not)."""
+    if not torch.version.cuda:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if importlib.util.find_spec("sslseg._C_cuda") is None:
+        return False, "this sslseg build has no CUDA kernels (built with SSLSEG_CUDA=OFF or without a CUDA toolkit)"
+    try:
+        importlib.import_module("sslseg._C_cuda")
+    except Exception as exc:  # a CUDA major version other than the one the kernels were built for
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""
 
@@ -39,12 +63,12 @@ def _failure_message() -> str:
         "sslseg's compiled operators (sslseg._C) could not be loaded.\n"
         f"  error: {error}\n"
         f"  torch: {torch.__version__} (CUDA {torch.version.cuda})\n"
-        "Likely causes: sslseg was installed without building the extension, or it was built\n"
-        "against a different torch than the one installed now (torch is not a build requirement:\n"
-        "the extension must be compiled against the torch it runs with).\n"
-        "Fix: reinstall against the current torch with\n"
-        "  pip install --no-build-isolation -e .        (from a source checkout)\n"
-        "  pip install --no-build-isolation --force-reinstall --no-deps sslseg\n"
+        "Likely causes: sslseg was installed without building the extension, or the installed torch\n"
+        "is older than the extension's stable-ABI target (sslseg.ops.build_info() once it loads;\n"
+        "csrc/README.md).\n"
+        "Fix: upgrade torch, or reinstall sslseg with\n"
+        "  pip install .                                 (from a source checkout)\n"
+        "  pip install --force-reinstall --no-deps sslseg\n"
         "and, for the real dlopen error, run: python -c \"import torch, ctypes, sslseg, glob, os; "
         "ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(sslseg.__file__), '_C*.so'))[0])\""
     )
@@ -82,10 +106,19 @@ def use_compiled() -> bool:
 
 
 def build_info() -> dict[str, str]:
-    """What the loaded extension was compiled with, e.g. ``{"cuda": "1", "torch": "2.14.1"}``."""
+    """What the loaded extension targets and whether its CUDA kernels are loaded.
+
+    Keys: ``abi_target`` (the oldest torch the binaries load in: the LibTorch stable-ABI target),
+    ``built_with_torch`` (the torch whose headers compiled them), ``torch`` (the running torch),
+    ``cuda`` (``"1"`` when ``sslseg._C_cuda`` is loaded and its kernels registered, else ``"0"``)
+    and ``cuda_module`` (``"loaded"`` or why not).
+    """
     require_ops()
     text = torch.ops.sslseg._build_info()
-    return dict(item.split("=", 1) for item in text.split(";"))
+    info = dict(item.split("=", 1) for item in text.split(";"))
+    cuda_loaded, why = _load_cuda()
+    info.update(torch=torch.__version__, cuda="1" if cuda_loaded else "0", cuda_module="loaded" if cuda_loaded else why)
+    return info
 
 
 # Ops that take no tensors and so have one backend-independent kernel.
