@@ -24,6 +24,12 @@ STABLE_TORCH_LIBRARY(sslseg, m) {
   // Fused EMA: teacher[i] = decay * teacher[i] + (1 - decay) * student[i] for every i, in place,
   // accumulated in fp32 (fp64 for double). sslseg/ops/ema.py (which caches the lists of a module).
   m.def("ema_update_(Tensor(a!)[] teacher, Tensor[] student, float decay) -> ()");
+  // The same over lists cached in C++ behind an integer handle (no custom classes in the stable
+  // ABI): one call per update whatever the list length. Internal to sslseg/ops/ema.py, which owns
+  // the handle and frees it with its cache entry.
+  m.def("_ema_plan_new(Tensor[] teacher, Tensor[] student) -> int");
+  m.def("_ema_plan_update(int plan, float decay) -> ()");
+  m.def("_ema_plan_free(int plan) -> ()");
 
   // Exact Euclidean distance transform: float32 distance (in spacing units) from every nonzero
   // voxel of a bool/integer mask to the nearest zero voxel, over the last len(spacing) (2 or 3)

@@ -4,7 +4,9 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
+#include <utility>
 
 namespace sslseg {
 namespace {
@@ -22,6 +24,16 @@ bool non_overlapping_and_dense(const Tensor& t) {
   for (size_t d : order) {
     if (sizes[d] < 2) continue;
     if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
+// C-order strides (the common case, checked without allocating).
+bool contiguous_strides(IntList sizes, IntList strides) {
+  int64_t expected = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    if (sizes[d] != 1 && strides[d] != expected) return false;
     expected *= sizes[d];
   }
   return true;
@@ -58,14 +70,30 @@ void ema_check_args(const std::vector<Tensor>& teacher, const std::vector<Tensor
 
 EmaWork ema_prepare(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay,
                     DeviceType device) {
-  ema_check_args(teacher, student, decay, device);
+  // One pass that reads each property once (every accessor is a call into libtorch through the
+  // stable shim, and module lists hold hundreds of tensors); on any mismatch the full check runs
+  // and raises its message.
+  const auto fail = [&] { ema_check_args(teacher, student, decay, device); };
+  if (teacher.size() != student.size() || !(decay >= 0.0 && decay <= 1.0)) fail();
   EmaWork work;
   for (size_t i = 0; i < teacher.size(); ++i) {
     const Tensor& t = teacher[i];
     const Tensor& s = student[i];
-    const int64_t n = t.numel();
+    const IntList sizes = t.sizes();
+    const ScalarType tt = t.scalar_type(), st = s.scalar_type();
+    const auto td = t.device(), sd = s.device();
+    if (!same_list(sizes, s.sizes()) || td.type() != sd.type() || td.index() != sd.index() || td.type() != device ||
+        !is_supported_float(tt) || !is_supported_float(st)) {
+      fail();
+    }
+    int64_t n = 1;
+    for (const int64_t d : sizes) n *= d;
     if (n == 0) continue;
-    const auto key = std::make_pair(t.scalar_type(), s.scalar_type());
+    const auto key = std::make_pair(tt, st);
+    if (contiguous_strides(sizes, t.strides()) && contiguous_strides(sizes, s.strides())) {
+      work.groups[key].push_back(EmaSegment{t.data_ptr(), s.data_ptr(), n});
+      continue;
+    }
     if (flat_compatible(t, s)) {
       work.groups[key].push_back(EmaSegment{t.data_ptr(), s.data_ptr(), n});
       continue;
@@ -83,6 +111,13 @@ EmaWork ema_prepare(const std::vector<Tensor>& teacher, const std::vector<Tensor
 
 void ema_finish(EmaWork& work) {
   for (auto& [t, tc] : work.copy_back) torch::stable::copy_(t, tc);
+}
+
+int64_t ema_plan_new(std::vector<Tensor> teacher, std::vector<Tensor> student, DeviceType device,
+                     void (*update)(const std::vector<Tensor>&, const std::vector<Tensor>&, double)) {
+  ema_check_args(teacher, student, 0.0, device);
+  auto* plan = new EmaPlan{std::move(teacher), std::move(student), update};
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(plan));
 }
 
 }  // namespace sslseg

@@ -38,4 +38,20 @@ EmaWork ema_prepare(const std::vector<Tensor>& teacher, const std::vector<Tensor
 // Writes the dense copies back into their teachers (same stream as the kernels on CUDA).
 void ema_finish(EmaWork& work);
 
+// A cached pair of tensor lists for repeated updates of one teacher/student (the module path of
+// sslseg.ops.ema_update_): the stable ABI has no custom classes, so Python holds the plan as an
+// integer handle (_ema_plan_new / _ema_plan_update / _ema_plan_free). One call per update with
+// no per-tensor conversion, whatever the list length. `update` is the kernel of the backend
+// that created the plan (the CPU one in sslseg._C, the CUDA one in sslseg._C_cuda).
+struct EmaPlan {
+  std::vector<Tensor> teacher;
+  std::vector<Tensor> student;
+  void (*update)(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay);
+};
+
+// New plan over the lists (checked now and again on every update: shapes, dtypes and devices may
+// change between updates), returned as an integer handle.
+int64_t ema_plan_new(std::vector<Tensor> teacher, std::vector<Tensor> student, DeviceType device,
+                     void (*update)(const std::vector<Tensor>&, const std::vector<Tensor>&, double));
+
 }  // namespace sslseg

@@ -122,7 +122,7 @@ def build_info() -> dict[str, str]:
 
 
 # Ops that take no tensors and so have one backend-independent kernel.
-_DEVICE_INDEPENDENT = frozenset({"sslseg::_build_info"})
+_DEVICE_INDEPENDENT = frozenset({"sslseg::_build_info", "sslseg::_ema_plan_update", "sslseg::_ema_plan_free"})
 
 
 def list_ops() -> list[str]:

@@ -80,7 +80,7 @@ def ema_update_(
             if pairs.copy_teacher:
                 torch._foreach_copy_(pairs.copy_teacher, pairs.copy_student)
             if compiled and pairs.float_teacher:
-                torch.ops.sslseg.ema_update_.default(pairs.float_teacher, pairs.float_student, float(decay))
+                torch.ops.sslseg._ema_plan_update.default(pairs.plan(), float(decay))
             else:
                 _reference(pairs.float_teacher, pairs.float_student, float(decay))
             return
@@ -116,6 +116,18 @@ class _Pairs:
     float_student: list[Tensor]
     copy_teacher: list[Tensor]
     copy_student: list[Tensor]
+    # The lists cached in C++ behind an integer handle (the stable ABI has no custom classes): one
+    # call per update whatever their length. Created on first compiled use, freed with this entry.
+    _plan: int | None = None
+    _free: weakref.finalize | None = None
+
+    def plan(self) -> int:
+        """The handle of the C++ plan over (float_teacher, float_student), created once."""
+        if self._plan is None:
+            self._plan = torch.ops.sslseg._ema_plan_new.default(self.float_teacher, self.float_student)
+            self._free = weakref.finalize(self, torch.ops.sslseg._ema_plan_free.default, self._plan)
+            self._free.atexit = False  # at exit the process frees it; torch may be half torn down
+        return self._plan
 
     def valid_for(self, student: nn.Module, include_buffers: bool) -> bool:
         if self.student_ref() is not student or self.include_buffers != include_buffers:

@@ -99,13 +99,42 @@ void dispatch_pair(ScalarType t_type, ScalarType s_type, const std::vector<EmaSe
   }
 }
 
-void ema_update_cpu(std::vector<Tensor> teacher, std::vector<Tensor> student, double decay) {
+void ema_update_lists_cpu(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay) {
   EmaWork work = ema_prepare(teacher, student, decay, DeviceType::CPU);
   for (const auto& [types, segs] : work.groups) dispatch_pair(types.first, types.second, segs, decay);
   ema_finish(work);
 }
 
+void ema_update_cpu(std::vector<Tensor> teacher, std::vector<Tensor> student, double decay) {
+  ema_update_lists_cpu(teacher, student, decay);
+}
+
+int64_t ema_plan_new_cpu(std::vector<Tensor> teacher, std::vector<Tensor> student) {
+  return ema_plan_new(std::move(teacher), std::move(student), DeviceType::CPU, &ema_update_lists_cpu);
+}
+
+// The handle ops take no tensor (nothing to dispatch on): one kernel for every backend, here.
+EmaPlan* plan_of(int64_t handle) {
+  SSLSEG_CHECK(handle != 0, "ema plan: the handle is null (freed or never created)");
+  return reinterpret_cast<EmaPlan*>(static_cast<intptr_t>(handle));
+}
+
+void ema_plan_update(int64_t handle, double decay) {
+  const EmaPlan* plan = plan_of(handle);
+  plan->update(plan->teacher, plan->student, decay);
+}
+
+void ema_plan_free(int64_t handle) { delete plan_of(handle); }
+
 }  // namespace
 }  // namespace sslseg
 
-STABLE_TORCH_LIBRARY_IMPL(sslseg, CPU, m) { m.impl("ema_update_", TORCH_BOX(&sslseg::ema_update_cpu)); }
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CPU, m) {
+  m.impl("ema_update_", TORCH_BOX(&sslseg::ema_update_cpu));
+  m.impl("_ema_plan_new", TORCH_BOX(&sslseg::ema_plan_new_cpu));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CompositeExplicitAutograd, m) {
+  m.impl("_ema_plan_update", TORCH_BOX(&sslseg::ema_plan_update));
+  m.impl("_ema_plan_free", TORCH_BOX(&sslseg::ema_plan_free));
+}

@@ -132,7 +132,7 @@ void dispatch_pair(ScalarType t_type, ScalarType s_type, const std::vector<Segme
   }
 }
 
-void ema_update_cuda(std::vector<Tensor> teacher, std::vector<Tensor> student, double decay) {
+void ema_update_lists_cuda(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay) {
   if (teacher.empty()) {
     ema_check_args(teacher, student, decay, DeviceType::CUDA);  // a length mismatch still raises
     return;
@@ -149,7 +149,18 @@ void ema_update_cuda(std::vector<Tensor> teacher, std::vector<Tensor> student, d
   ema_finish(work);
 }
 
+void ema_update_cuda(std::vector<Tensor> teacher, std::vector<Tensor> student, double decay) {
+  ema_update_lists_cuda(teacher, student, decay);
+}
+
+int64_t ema_plan_new_cuda(std::vector<Tensor> teacher, std::vector<Tensor> student) {
+  return ema_plan_new(std::move(teacher), std::move(student), DeviceType::CUDA, &ema_update_lists_cuda);
+}
+
 }  // namespace
 }  // namespace sslseg
 
-STABLE_TORCH_LIBRARY_IMPL(sslseg, CUDA, m) { m.impl("ema_update_", TORCH_BOX(&sslseg::ema_update_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CUDA, m) {
+  m.impl("ema_update_", TORCH_BOX(&sslseg::ema_update_cuda));
+  m.impl("_ema_plan_new", TORCH_BOX(&sslseg::ema_plan_new_cuda));
+}
