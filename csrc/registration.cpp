@@ -6,16 +6,20 @@
 
 #include <string>
 
+#ifndef SSLSEG_CUDA_BUILT
+#define SSLSEG_CUDA_BUILT none  // built without the CUDA module
+#endif
 #define SSLSEG_STR2(x) #x
 #define SSLSEG_STR(x) SSLSEG_STR2(x)
 
 namespace {
 
-// The stable-ABI floor this binary targets and the torch it was compiled against (the runtime
-// torch may be any release from the target on).
+// The stable-ABI floor this binary targets, the torch it was compiled against (the runtime torch
+// may be any release from the target on) and the CUDA toolkit of sslseg._C_cuda ("none": no CUDA
+// module was built).
 std::string build_info() {
   return std::string("abi_target=") + SSLSEG_STR(SSLSEG_TARGET_TORCH) + ";built_with_torch=" +
-         SSLSEG_STR(SSLSEG_BUILD_TORCH);
+         SSLSEG_STR(SSLSEG_BUILD_TORCH) + ";cuda_built=" + SSLSEG_STR(SSLSEG_CUDA_BUILT);
 }
 
 }  // namespace

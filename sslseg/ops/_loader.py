@@ -38,13 +38,23 @@ def _load() -> tuple[bool, str]:
     return True, ""
 
 
+def _compiled_info() -> dict[str, str]:
+    """``sslseg::_build_info`` (``"abi_target=2.10;built_with_torch=...;cuda_built=13.0"``) as a dict."""
+    return dict(item.split("=", 1) for item in torch.ops.sslseg._build_info().split(";"))
+
+
 @lru_cache(maxsize=None)
 def _load_cuda() -> tuple[bool, str]:
     """Import ``sslseg._C_cuda`` once, after ``sslseg._C``; returns (loaded, why not)."""
     if not torch.version.cuda:
         return False, f"torch {torch.__version__} is a CPU-only build"
-    if importlib.util.find_spec("sslseg._C_cuda") is None:
+    built = _compiled_info()["cuda_built"]
+    if built == "none" or importlib.util.find_spec("sslseg._C_cuda") is None:
         return False, "this sslseg build has no CUDA kernels (built with SSLSEG_CUDA=OFF or without a CUDA toolkit)"
+    if built.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # The kernels link the CUDA runtime of their toolkit dynamically: another major would load
+        # a second runtime (if the system has one) beside torch's.
+        return False, f"sslseg's CUDA kernels were built for CUDA {built}, torch {torch.__version__} uses CUDA {torch.version.cuda}"
     try:
         importlib.import_module("sslseg._C_cuda")
     except Exception as exc:  # a CUDA major version other than the one the kernels were built for
@@ -109,13 +119,13 @@ def build_info() -> dict[str, str]:
     """What the loaded extension targets and whether its CUDA kernels are loaded.
 
     Keys: ``abi_target`` (the oldest torch the binaries load in: the LibTorch stable-ABI target),
-    ``built_with_torch`` (the torch whose headers compiled them), ``torch`` (the running torch),
+    ``built_with_torch`` (the torch whose headers compiled them), ``cuda_built`` (the CUDA toolkit
+    of ``sslseg._C_cuda``, ``"none"`` without one), ``torch`` (the running torch),
     ``cuda`` (``"1"`` when ``sslseg._C_cuda`` is loaded and its kernels registered, else ``"0"``)
     and ``cuda_module`` (``"loaded"`` or why not).
     """
     require_ops()
-    text = torch.ops.sslseg._build_info()
-    info = dict(item.split("=", 1) for item in text.split(";"))
+    info = _compiled_info()
     cuda_loaded, why = _load_cuda()
     info.update(torch=torch.__version__, cuda="1" if cuda_loaded else "0", cuda_module="loaded" if cuda_loaded else why)
     return info
