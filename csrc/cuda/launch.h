@@ -1,5 +1,5 @@
-// What every CUDA kernel file of sslseg._C_cuda needs from the stable ABI: the current stream of a
-// device, the launch check, and the grid size of a grid-stride loop.
+// What every CUDA kernel file of sslseg._C_cuda needs: from the stable ABI the current stream of a
+// device and the launch check; the grid size of a grid-stride loop; typed loads and exp/log.
 #pragma once
 
 #include "checks.h"
@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace sslseg {
 
@@ -35,5 +36,20 @@ struct CudaDeviceScope {
 inline int64_t blocks_for(int64_t n, int threads) {
   return std::min<int64_t>((n + threads - 1) / threads, int64_t{1} << 20);
 }
+
+#if defined(__CUDACC__)
+// Loads *p as the accumulation type A (half types through float).
+template <typename A, typename T>
+__device__ __forceinline__ A load_as(const T* p) {
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) return static_cast<A>(*p);
+  else return static_cast<A>(static_cast<float>(*p));
+}
+
+// exp/log in the accumulation type.
+__device__ __forceinline__ float dexp(float x) { return expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+__device__ __forceinline__ float dlog(float x) { return logf(x); }
+__device__ __forceinline__ double dlog(double x) { return log(x); }
+#endif
 
 }  // namespace sslseg

@@ -19,17 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename A, typename L>
-__device__ __forceinline__ A load_as(const L* p) {
-  if constexpr (std::is_same_v<L, double> || std::is_same_v<L, float>) return static_cast<A>(*p);
-  else return static_cast<A>(static_cast<float>(*p));
-}
-
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-__device__ __forceinline__ float dlog(float x) { return logf(x); }
-__device__ __forceinline__ double dlog(double x) { return log(x); }
-
 template <typename L, typename A>
 __global__ void softmax_accumulate_kernel(A* __restrict__ acc, const L* __restrict__ x, int64_t C, int64_t S,
                                           int64_t total, bool overwrite) {

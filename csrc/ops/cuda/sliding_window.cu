@@ -24,12 +24,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename A, typename P>
-__device__ __forceinline__ A load_as(const P* p) {
-  if constexpr (std::is_same_v<P, double> || std::is_same_v<P, float>) return static_cast<A>(*p);
-  else return static_cast<A>(static_cast<float>(*p));
-}
-
 // Rounded products: keep nvcc from contracting `out + pred * importance` into one FMA, so the
 // result rounds like the CPU kernel (and MONAI's separate mul_ and add_).
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -92,9 +86,6 @@ __device__ __forceinline__ A importance_at(const A* __restrict__ imp, const AccA
   const A floor = imp[a.floor_off];
   return v < floor ? floor : v;
 }
-
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
 
 // One thread per voxel of the (clipped) window, looping over the channels: the importance and
 // weight are read once per voxel, and the softmax over channels needs every channel anyway.
