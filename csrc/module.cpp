@@ -1,6 +1,6 @@
-// sslseg._C: an empty CPython module. Importing it loads this shared library, whose static
-// TORCH_LIBRARY / TORCH_LIBRARY_IMPL initialisers register every op under torch.ops.sslseg.
-// No pybind11: the ops are reached through the dispatcher, not through Python bindings.
+// sslseg._C: an empty CPython module (limited API: the wheel is abi3). Importing it loads this
+// shared library, whose static STABLE_TORCH_LIBRARY / _IMPL initialisers register every schema
+// and CPU kernel under torch.ops.sslseg. No pybind11: ops are reached through the dispatcher.
 #include <Python.h>
 
 extern "C" {
@@ -8,7 +8,7 @@ extern "C" {
 static struct PyModuleDef sslseg_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
-    "sslseg custom operators (registered with the PyTorch dispatcher as torch.ops.sslseg.*)",
+    "sslseg custom operators: schemas and CPU kernels (torch.ops.sslseg.*)",
     -1,
     nullptr,
 };

@@ -10,7 +10,7 @@
 // differently from the CPU.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "checks.h"
 
 #include <cmath>
 #include <cstdint>
@@ -26,18 +26,59 @@
 
 namespace sslseg {
 
-// Validates mask and spacing (shared by both backends, so messages are identical).
-void edt_check_args(const at::Tensor& mask, at::ArrayRef<double> spacing, c10::DeviceType expected_device);
+// The set-up shared by the CPU (cpu/edt.cpp) and CUDA (cuda/edt.cu) kernels (csrc/ops/edt.cpp):
+// checks (identical messages on both backends), the (B, Z, Y, X) view, the working precision and
+// the float32 output.
+struct EdtProblem {
+  Tensor mask;  // contiguous
+  Tensor out;   // float32, the shape of mask
+  int64_t B = 1, Z = 1, Y = 1, X = 1;
+  bool is3d = false;
+  // The working precision: float32 is exact when every spacing is equal (distances are computed
+  // in voxel units, squared distances are integers < 2^24, every envelope intersection is resolved
+  // correctly; see edt_detail::envelope_line) and each spatial size is <= 2048. Otherwise float64.
+  bool use_float = true;
+  double sx = 1.0, sy = 1.0, sz = 1.0;  // spacing along X, Y, Z (sz = 1 in 2D)
+};
 
-// The working precision: float32 is exact when every spacing is equal (distances are computed in
-// voxel units, squared distances are integers < 2^24, every envelope intersection is resolved
-// correctly; see edt_detail::envelope_line) and each spatial size is <= 2048. Otherwise float64.
-bool edt_use_float(at::IntArrayRef spatial_sizes, at::ArrayRef<double> spacing);
+// Checks mask and spacing and allocates the output (out.numel() == 0: nothing to do).
+EdtProblem edt_prepare(const Tensor& mask, const std::vector<double>& spacing, DeviceType expected_device);
 
-at::Tensor edt_cpu(const at::Tensor& mask, at::ArrayRef<double> spacing);
-#if SSLSEG_WITH_CUDA
-at::Tensor edt_cuda(const at::Tensor& mask, at::ArrayRef<double> spacing);
-#endif
+// Per-axis steps of working precision W: voxel units (1) on the float path, where the common
+// spacing is applied at the end (`scale`); physical units on the float64 path (scale 1).
+template <typename W>
+struct EdtSteps {
+  W hx, hy, hz;
+  double scale;
+};
+
+template <typename W>
+EdtSteps<W> edt_steps(const EdtProblem& p) {
+  constexpr bool fp = std::is_same_v<W, float>;
+  return {fp ? W(1) : static_cast<W>(p.sx), fp ? W(1) : static_cast<W>(p.sy), fp ? W(1) : static_cast<W>(p.sz),
+          fp ? p.sx : 1.0};
+}
+
+// The working buffer: the output itself on the float path, a float64 scratch otherwise.
+Tensor edt_work(const EdtProblem& p);
+
+// Calls f(M{}, W{}) with M the C++ type of the mask dtype and W the working precision.
+template <typename F>
+void edt_dispatch(const EdtProblem& p, F&& f) {
+  auto with_w = [&](auto m) {
+    if (p.use_float) f(m, float{});
+    else f(m, double{});
+  };
+  switch (p.mask.scalar_type()) {
+    case ScalarType::Bool: return with_w(bool{});
+    case ScalarType::Byte: return with_w(uint8_t{});
+    case ScalarType::Char: return with_w(int8_t{});
+    case ScalarType::Short: return with_w(int16_t{});
+    case ScalarType::Int: return with_w(int32_t{});
+    case ScalarType::Long: return with_w(int64_t{});
+    default: SSLSEG_CHECK(false, "edt: unexpected mask dtype ", dtype_name(p.mask.scalar_type()));
+  }
+}
 
 namespace edt_detail {
 

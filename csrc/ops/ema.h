@@ -1,8 +1,8 @@
-// Fused exponential-moving-average update over a list of tensors (mean-teacher EMA).
+// Fused exponential-moving-average update over a list of tensors (mean-teacher EMA): the checks
+// and the grouping shared by the CPU (cpu/ema.cpp) and CUDA (cuda/ema.cu) kernels.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <torch/custom_class.h>
+#include "checks.h"
 
 #include <map>
 #include <utility>
@@ -10,17 +10,10 @@
 
 namespace sslseg {
 
-// Validates the lists (same length, shape, device; floating dtypes) and returns nothing on success.
-// Shared by the CPU and CUDA kernels so both raise identical messages.
-void ema_check_args(at::TensorList teacher, at::TensorList student, double decay,
-                    c10::DeviceType expected_device);
-
-// True when teacher and student can be processed as flat memory (dense, equal strides).
-bool ema_flat_compatible(const at::Tensor& t, const at::Tensor& s);
-
-// Per-tensor fallback for layouts the flat kernels do not cover (overlapping or differently
-// strided tensors): t = decay * t + (1 - decay) * s through ATen, accumulated in fp32/fp64.
-void ema_update_strided(const at::Tensor& t, const at::Tensor& s, double decay);
+// Validates the lists (same length, shape, device; floating dtypes). Shared by the CPU and CUDA
+// kernels so both raise identical messages.
+void ema_check_args(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay,
+                    DeviceType expected_device);
 
 // One contiguous run of elements: teacher/student base pointers and length.
 struct EmaSegment {
@@ -28,29 +21,37 @@ struct EmaSegment {
   const void* s;
   int64_t n;
 };
-using EmaGroups = std::map<std::pair<at::ScalarType, at::ScalarType>, std::vector<EmaSegment>>;
 
-// Checks the lists, updates the pairs the flat kernels cannot take (ema_update_strided), and groups
-// the rest by (teacher dtype, student dtype): usually a single group.
-EmaGroups ema_prepare(at::TensorList teacher, at::TensorList student, double decay, c10::DeviceType device);
-
-void ema_update_cpu(at::TensorList teacher, at::TensorList student, double decay);
-#if SSLSEG_WITH_CUDA
-void ema_update_cuda(at::TensorList teacher, at::TensorList student, double decay);
-#endif
-
-// A cached pair of tensor lists for repeated updates of the same teacher/student (the module path
-// of sslseg.ops.ema_update_). One Python call per update, whatever the number of tensors: the lists
-// are converted once, and update() calls the ema_update_ op from C++ through the dispatcher (so
-// the CPU/CUDA kernel is picked as usual), below the autograd layer, which never applies: EMA
-// updates are not differentiable and the wrapper runs them under no_grad.
-struct EmaPlan : torch::CustomClassHolder {
-  EmaPlan(std::vector<at::Tensor> teacher, std::vector<at::Tensor> student);
-  void update(double decay);
-  int64_t size() const { return static_cast<int64_t>(teacher_.size()); }
-
-  std::vector<at::Tensor> teacher_;
-  std::vector<at::Tensor> student_;
+// The flat work of one call, grouped by (teacher dtype, student dtype): usually a single group.
+// Pairs the flat kernels cannot take as they are (overlapping or differently strided tensors) are
+// run on dense copies (`keep` holds them alive) and copied back by ema_finish.
+struct EmaWork {
+  std::map<std::pair<ScalarType, ScalarType>, std::vector<EmaSegment>> groups;
+  std::vector<Tensor> keep;
+  std::vector<std::pair<Tensor, Tensor>> copy_back;  // (teacher, its dense copy)
 };
+
+// Checks the lists and builds the work.
+EmaWork ema_prepare(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay,
+                    DeviceType device);
+
+// Writes the dense copies back into their teachers (same stream as the kernels on CUDA).
+void ema_finish(EmaWork& work);
+
+// A cached pair of tensor lists for repeated updates of one teacher/student (the module path of
+// sslseg.ops.ema_update_): the stable ABI has no custom classes, so Python holds the plan as an
+// integer handle (_ema_plan_new / _ema_plan_update / _ema_plan_free). One call per update with
+// no per-tensor conversion, whatever the list length. `update` is the kernel of the backend
+// that created the plan (the CPU one in sslseg._C, the CUDA one in sslseg._C_cuda).
+struct EmaPlan {
+  std::vector<Tensor> teacher;
+  std::vector<Tensor> student;
+  void (*update)(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay);
+};
+
+// New plan over the lists (checked now and again on every update: shapes, dtypes and devices may
+// change between updates), returned as an integer handle.
+int64_t ema_plan_new(std::vector<Tensor> teacher, std::vector<Tensor> student, DeviceType device,
+                     void (*update)(const std::vector<Tensor>&, const std::vector<Tensor>&, double));
 
 }  // namespace sslseg

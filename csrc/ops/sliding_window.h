@@ -8,11 +8,9 @@
 // 2D problems are handled as 3D ones with a leading spatial dimension of size 1.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/core/DeviceType.h>
-#include <c10/util/ArrayRef.h>
-#include <optional>
+#include "checks.h"
 
+#include <optional>
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -46,31 +44,21 @@ struct Sw5 {
   std::array<int64_t, 5> stride;
 };
 
-Sw5 sw_as5(const at::Tensor& t);
+Sw5 sw_as5(const Tensor& t);
 
 // Checks of sw_gather shared by the CPU and CUDA kernels; returns the grid.
-SwGrid sw_gather_check(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
-                       c10::IntArrayRef counts, int64_t window_begin, int64_t window_end,
-                       c10::DeviceType expected_device);
+SwGrid sw_gather_check(const Tensor& volume, IntList roi_size, IntList starts,
+                       IntList counts, int64_t window_begin, int64_t window_end,
+                       DeviceType expected_device);
 
 // Checks of sw_accumulate_ shared by the CPU and CUDA kernels; returns the grid.
-SwGrid sw_accumulate_check(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
-                           const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
-                           int64_t window_begin, c10::DeviceType expected_device);
+SwGrid sw_accumulate_check(const Tensor& out, const Tensor& pred, const std::optional<Tensor>& importance,
+                           const std::optional<Tensor>& weight, IntList starts, IntList counts,
+                           int64_t window_begin, DeviceType expected_device);
 
 SwWindow sw_window(const SwGrid& g, int64_t w);
 
-at::Tensor sw_gather_cpu(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
-                         c10::IntArrayRef counts, int64_t window_begin, int64_t window_end, double pad_value);
-void sw_accumulate_cpu(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
-                       const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
-                       int64_t window_begin, bool softmax);
-#if SSLSEG_WITH_CUDA
-at::Tensor sw_gather_cuda(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
-                          c10::IntArrayRef counts, int64_t window_begin, int64_t window_end, double pad_value);
-void sw_accumulate_cuda(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
-                        const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
-                        int64_t window_begin, bool softmax);
-#endif
+// The output of sw_gather: (window_end - window_begin, C, *roi_size), contiguous.
+Tensor sw_gather_output(const Tensor& volume, IntList roi_size, int64_t window_begin, int64_t window_end);
 
 }  // namespace sslseg

@@ -1,9 +1,13 @@
-"""Loading of the compiled operators (``sslseg._C``), and the one rule that picks an op's backend.
+"""Loading of the compiled operators (``sslseg._C``, ``sslseg._C_cuda``), and the one rule that picks
+an op's backend.
 
-Importing ``sslseg._C`` runs the static registrations of every ``torch.ops.sslseg.*`` op. When the
-extension is missing or broken, op wrappers fall back to their pure-PyTorch reference twins and warn
-once; with ``SSLSEG_REQUIRE_OPS=1`` (set by the tests and CI) they raise instead, so that a broken
-build cannot hide behind the fallback.
+Importing ``sslseg._C`` runs the static registrations of every ``torch.ops.sslseg.*`` schema and
+CPU kernel; ``sslseg._C_cuda`` adds the CUDA kernels and is imported only when the running torch is
+a CUDA build (it links libtorch_cuda, which a CPU-only torch lacks). Both target the LibTorch stable
+ABI, so one wheel loads in every torch from its target release on. When ``sslseg._C`` is missing
+or broken, op wrappers fall back to their pure-PyTorch reference twins and warn once; with
+``SSLSEG_REQUIRE_OPS=1`` (set by the tests and CI) they raise instead, so that a broken build cannot
+hide behind the fallback.
 
 Every op wrapper asks :func:`backend_for` whether to call the compiled kernel or its reference twin
 (see there for the rule). ``SSLSEG_OPS=reference`` in the environment, or
@@ -15,6 +19,7 @@ around a kernel bug on a GPU without reinstalling.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from functools import lru_cache
@@ -29,12 +34,42 @@ BACKENDS = ("compiled", "reference")
 _forced: str | None = None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """Python's short name of a dtype (``"float32"``), as the kernels' messages spell it (csrc/checks.h)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @lru_cache(maxsize=None)
 def _load() -> tuple[bool, str]:
-    """Import ``sslseg._C`` once; returns (loaded, error text)."""
+    """Import ``sslseg._C`` (then ``sslseg._C_cuda``) once; returns (loaded, error text)."""
     try:
         importlib.import_module("sslseg._C")
     except Exception as exc:  # ImportError, OSError (bad rpath), RuntimeError (schema clash)
+        return False, f"{type(exc).__name__}: {exc}"
+    _load_cuda()
+    return True, ""
+
+
+def _compiled_info() -> dict[str, str]:
+    """``sslseg::_build_info`` (``"abi_target=2.10;built_with_torch=...;cuda_built=13.0"``) as a dict."""
+    return dict(item.split("=", 1) for item in torch.ops.sslseg._build_info().split(";"))
+
+
+@lru_cache(maxsize=None)
+def _load_cuda() -> tuple[bool, str]:
+    """Import ``sslseg._C_cuda`` once, after ``sslseg._C``; returns (loaded, why not)."""
+    if not torch.version.cuda:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    built = _compiled_info()["cuda_built"]
+    if built == "none" or importlib.util.find_spec("sslseg._C_cuda") is None:
+        return False, "this sslseg build has no CUDA kernels (built with SSLSEG_CUDA=OFF or without a CUDA toolkit)"
+    if built.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # The kernels link the CUDA runtime of their toolkit dynamically: another major would load
+        # a second runtime (if the system has one) beside torch's.
+        return False, f"sslseg's CUDA kernels were built for CUDA {built}, torch {torch.__version__} uses CUDA {torch.version.cuda}"
+    try:
+        importlib.import_module("sslseg._C_cuda")
+    except Exception as exc:  # a CUDA major version other than the one the kernels were built for
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""
 
@@ -50,12 +85,12 @@ def _failure_message() -> str:
         "sslseg's compiled operators (sslseg._C) could not be loaded.\n"
         f"  error: {error}\n"
         f"  torch: {torch.__version__} (CUDA {torch.version.cuda})\n"
-        "Likely causes: sslseg was installed without building the extension, or it was built\n"
-        "against a different torch than the one installed now (torch is not a build requirement:\n"
-        "the extension must be compiled against the torch it runs with).\n"
-        "Fix: reinstall against the current torch with\n"
-        "  pip install --no-build-isolation -e .        (from a source checkout)\n"
-        "  pip install --no-build-isolation --force-reinstall --no-deps sslseg\n"
+        "Likely causes: sslseg was installed without building the extension, or the installed torch\n"
+        "is older than the extension's stable-ABI target (sslseg.ops.build_info() once it loads;\n"
+        "csrc/README.md).\n"
+        "Fix: upgrade torch, or reinstall sslseg with\n"
+        "  pip install .                                 (from a source checkout)\n"
+        "  pip install --force-reinstall --no-deps sslseg\n"
         "and, for the real dlopen error, run: python -c \"import torch, ctypes, sslseg, glob, os; "
         "ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(sslseg.__file__), '_C*.so'))[0])\""
     )
@@ -175,14 +210,23 @@ def backend() -> str:
 
 
 def build_info() -> dict[str, str]:
-    """What the loaded extension was compiled with, e.g. ``{"cuda": "1", "torch": "2.14.1"}``."""
+    """What the loaded extension targets and whether its CUDA kernels are loaded.
+
+    Keys: ``abi_target`` (the oldest torch the binaries load in: the LibTorch stable-ABI target),
+    ``built_with_torch`` (the torch whose headers compiled them), ``cuda_built`` (the CUDA toolkit
+    of ``sslseg._C_cuda``, ``"none"`` without one), ``torch`` (the running torch),
+    ``cuda`` (``"1"`` when ``sslseg._C_cuda`` is loaded and its kernels registered, else ``"0"``)
+    and ``cuda_module`` (``"loaded"`` or why not).
+    """
     require_ops()
-    text = torch.ops.sslseg._build_info()
-    return dict(item.split("=", 1) for item in text.split(";"))
+    info = _compiled_info()
+    cuda_loaded, why = _load_cuda()
+    info.update(torch=torch.__version__, cuda="1" if cuda_loaded else "0", cuda_module="loaded" if cuda_loaded else why)
+    return info
 
 
 # Ops that take no tensors and so have one backend-independent kernel.
-_DEVICE_INDEPENDENT = frozenset({"sslseg::_build_info"})
+_DEVICE_INDEPENDENT = frozenset({"sslseg::_build_info", "sslseg::_ema_plan_update", "sslseg::_ema_plan_free"})
 
 
 def list_ops() -> list[str]:

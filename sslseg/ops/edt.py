@@ -110,7 +110,7 @@ def _resolve_spacing(mask: Tensor, spacing: float | Sequence[float] | None, spat
 
 
 def _check(mask: Tensor, spacing: list[float]) -> None:
-    """The checks of the compiled kernel (csrc/ops/cpu/edt.cpp), with the same messages."""
+    """The checks of the compiled kernel (csrc/ops/edt.cpp), with the same messages."""
     nsp = len(spacing)
     if nsp not in (2, 3):
         raise RuntimeError(f"edt: spacing must have 2 or 3 entries (one per spatial dim), got {nsp}")

@@ -76,11 +76,11 @@ def ema_update_(
     compiled = backend_for() == "compiled"
     with torch.no_grad():
         if isinstance(teacher, nn.Module):
-            pairs = _module_pairs(teacher, student, include_buffers, compiled)  # type: ignore[arg-type]
+            pairs = _module_pairs(teacher, student, include_buffers)  # type: ignore[arg-type]
             if pairs.copy_teacher:
                 torch._foreach_copy_(pairs.copy_teacher, pairs.copy_student)
-            if pairs.plan is not None and pairs.float_teacher:
-                pairs.plan.update(float(decay))
+            if compiled and pairs.float_teacher:
+                torch.ops.sslseg._ema_plan_update.default(pairs.plan(), float(decay))
             else:
                 _reference(pairs.float_teacher, pairs.float_student, float(decay))
             return
@@ -116,8 +116,18 @@ class _Pairs:
     float_student: list[Tensor]
     copy_teacher: list[Tensor]
     copy_student: list[Tensor]
-    # The compiled plan over (float_teacher, float_student): one call per update (None: fallback).
-    plan: object | None
+    # The lists cached in C++ behind an integer handle (the stable ABI has no custom classes): one
+    # call per update whatever their length. Created on first compiled use, freed with this entry.
+    _plan: int | None = None
+    _free: weakref.finalize | None = None
+
+    def plan(self) -> int:
+        """The handle of the C++ plan over (float_teacher, float_student), created once."""
+        if self._plan is None:
+            self._plan = torch.ops.sslseg._ema_plan_new.default(self.float_teacher, self.float_student)
+            self._free = weakref.finalize(self, torch.ops.sslseg._ema_plan_free.default, self._plan)
+            self._free.atexit = False  # at exit the process frees it; torch may be half torn down
+        return self._plan
 
     def valid_for(self, student: nn.Module, include_buffers: bool) -> bool:
         if self.student_ref() is not student or self.include_buffers != include_buffers:
@@ -162,9 +172,9 @@ def _named_slots(module: nn.Module, buffers: bool) -> list[tuple[str, dict, str,
     return out
 
 
-def _module_pairs(teacher: nn.Module, student: nn.Module, include_buffers: bool, compiled: bool) -> _Pairs:
+def _module_pairs(teacher: nn.Module, student: nn.Module, include_buffers: bool) -> _Pairs:
     cached = _CACHE.get(teacher)
-    if cached is not None and cached.valid_for(student, include_buffers) and (cached.plan is not None) == compiled:
+    if cached is not None and cached.valid_for(student, include_buffers):
         return cached
     kinds = ("parameter", "buffer") if include_buffers else ("parameter",)
     generation = _GENERATION[0]
@@ -201,9 +211,8 @@ def _module_pairs(teacher: nn.Module, student: nn.Module, include_buffers: bool,
                     f"ema_update_: {kind} '{name}' has dtype {t.dtype} in teacher and {s.dtype} in student; "
                     "expected both floating (float16/bfloat16/float32/float64) or the same non-floating dtype"
                 )
-    plan = torch.classes.sslseg._EmaPlan(ft, fs) if compiled else None
     pairs = _Pairs(weakref.ref(student), include_buffers, generation, entries["parameter"], entries["buffer"],
-                   ft, fs, ct, cs, plan)
+                   ft, fs, ct, cs)
     _CACHE[teacher] = pairs
     return pairs
 
@@ -212,7 +221,7 @@ def _module_pairs(teacher: nn.Module, student: nn.Module, include_buffers: bool,
 
 
 def _check_lists(teacher: list[Tensor], student: list[Tensor], decay: float) -> None:
-    """The checks of the compiled kernel (csrc/ops/cpu/ema.cpp), with the same messages."""
+    """The checks of the compiled kernel (csrc/ops/ema.cpp), with the same messages."""
     if len(teacher) != len(student):
         raise RuntimeError(
             "ema_update_: teacher and student must have the same number of tensors, "

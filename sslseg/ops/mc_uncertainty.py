@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from sslseg.ops._loader import backend_for, has_ops
+from sslseg.ops._loader import backend_for, dtype_name, has_ops
 
 __all__ = ["mc_entropy_finalize_", "mc_softmax_accumulate_", "predictive_entropy"]
 
@@ -130,18 +130,14 @@ def mc_entropy_finalize_(acc: Tensor, count: int, *, normalize: bool = False, ep
 # ---- checks, reference twins and fake kernels -----------------------------------------------------
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _check_acc(op: str, acc: Tensor) -> None:
-    """The checks of the compiled kernel (csrc/ops/cpu/mc_uncertainty.cpp), with the same messages."""
+    """The checks of the compiled kernel (csrc/ops/mc_uncertainty.cpp), with the same messages."""
     if acc.dim() < 2:
         raise RuntimeError(f"{op}: acc must be (B, C, *spatial), got shape {list(acc.shape)}")
     if acc.shape[1] < 1:
         raise RuntimeError(f"{op}: acc must have at least 1 class, got shape {list(acc.shape)}")
     if acc.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{op}: acc must be float32 or float64 (the accumulator), got {_dtype_name(acc.dtype)}")
+        raise RuntimeError(f"{op}: acc must be float32 or float64 (the accumulator), got {dtype_name(acc.dtype)}")
     if not acc.is_contiguous():
         raise RuntimeError(f"{op}: acc must be contiguous")
 
@@ -155,7 +151,7 @@ def _reference_accumulate(acc: Tensor, logits: Tensor, overwrite: bool) -> None:
     if logits.device != acc.device:
         raise RuntimeError(f"{op}: logits must be on the device of acc ({acc.device}), got {logits.device}")
     if logits.dtype not in _FLOAT_DTYPES:
-        raise RuntimeError(f"{op}: logits must be float16, bfloat16, float32 or float64, got {_dtype_name(logits.dtype)}")
+        raise RuntimeError(f"{op}: logits must be float16, bfloat16, float32 or float64, got {dtype_name(logits.dtype)}")
     p = torch.softmax(logits.to(acc.dtype), dim=1)
     if overwrite:
         acc.copy_(p)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sslseg.ops._loader import backend_for, has_ops
+from sslseg.ops._loader import backend_for, dtype_name, has_ops
 
 __all__ = ["dense_importance", "separable_importance", "sw_accumulate_", "sw_gather", "window_origin"]
 
@@ -128,10 +128,6 @@ def _ints(seq: Sequence[int]) -> list[int]:
 # ---- the grid, shared by the checks and the reference twins -------------------------------------
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _check_grid(op: str, nd: int, starts: list[int], counts: list[int]) -> list[list[int]]:
     if len(counts) != nd:
         raise RuntimeError(f"{op}: counts must have {nd} entries (one per spatial dim), got {len(counts)}")
@@ -188,14 +184,14 @@ def _window(grid: list[list[int]], roi: list[int], w: int) -> tuple[int, list[in
 
 def _check_gather(volume: Tensor, roi_size: list[int], starts: list[int], counts: list[int], window_begin: int,
                   window_end: int) -> list[list[int]]:
-    """The checks of the compiled kernel (csrc/ops/cpu/sliding_window.cpp), with the same messages."""
+    """The checks of the compiled kernel (csrc/ops/sliding_window.cpp), with the same messages."""
     if volume.dim() not in (4, 5):
         raise RuntimeError(
             f"sw_gather: volume must be (B, C, *spatial) with 2 or 3 spatial dims, got shape {list(volume.shape)}"
         )
     if volume.dtype not in _FLOAT_DTYPES:
         raise RuntimeError(
-            f"sw_gather: volume must be float16, bfloat16, float32 or float64, got {_dtype_name(volume.dtype)}"
+            f"sw_gather: volume must be float16, bfloat16, float32 or float64, got {dtype_name(volume.dtype)}"
         )
     nd = volume.dim() - 2
     if len(roi_size) != nd:
@@ -217,14 +213,14 @@ def _check_gather(volume: Tensor, roi_size: list[int], starts: list[int], counts
 
 def _check_accumulate(out: Tensor, pred: Tensor, importance: Tensor | None, weight: Tensor | None,
                       starts: list[int], counts: list[int], window_begin: int) -> list[list[int]]:
-    """The checks of the compiled kernel (csrc/ops/cpu/sliding_window.cpp), with the same messages."""
+    """The checks of the compiled kernel (csrc/ops/sliding_window.cpp), with the same messages."""
     if out.dim() not in (4, 5):
         raise RuntimeError(
             f"sw_accumulate_: out must be (B, C, *spatial) with 2 or 3 spatial dims, got shape {list(out.shape)}"
         )
     if out.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(
-            f"sw_accumulate_: out must be float32 or float64 (the accumulator), got {_dtype_name(out.dtype)}"
+            f"sw_accumulate_: out must be float32 or float64 (the accumulator), got {dtype_name(out.dtype)}"
         )
     nd = out.dim() - 2
     if pred.dim() != out.dim():
@@ -237,7 +233,7 @@ def _check_accumulate(out: Tensor, pred: Tensor, importance: Tensor | None, weig
         raise RuntimeError(f"sw_accumulate_: pred must be on the device of out ({out.device}), got {pred.device}")
     if pred.dtype not in _FLOAT_DTYPES:
         raise RuntimeError(
-            f"sw_accumulate_: pred must be float16, bfloat16, float32 or float64, got {_dtype_name(pred.dtype)}"
+            f"sw_accumulate_: pred must be float16, bfloat16, float32 or float64, got {dtype_name(pred.dtype)}"
         )
     if any(s < 1 for s in pred.shape[2:]):
         raise RuntimeError(f"sw_accumulate_: pred's window size must be >= 1, got shape {list(pred.shape)}")
@@ -256,7 +252,7 @@ def _check_accumulate(out: Tensor, pred: Tensor, importance: Tensor | None, weig
             continue
         if t.dtype != out.dtype:
             raise RuntimeError(
-                f"sw_accumulate_: {name} must have the dtype of out ({_dtype_name(out.dtype)}), got {_dtype_name(t.dtype)}"
+                f"sw_accumulate_: {name} must have the dtype of out ({dtype_name(out.dtype)}), got {dtype_name(t.dtype)}"
             )
         if t.device != out.device:
             raise RuntimeError(f"sw_accumulate_: {name} must be on the device of out ({out.device}), got {t.device}")

@@ -130,7 +130,7 @@ def test_cuda_unaligned_views():
 )
 def test_errors_name_the_tensor(impl, teacher, student, decay, match):
     fn = OP if impl == "op" else _reference
-    with pytest.raises(RuntimeError, match=match.replace("Long", "(Long|torch.int64)").replace("Int", "(Int|torch.int32)")):
+    with pytest.raises(RuntimeError, match=match.replace("Long", "(torch.)?int64").replace("Int", "(torch.)?int32")):
         fn(teacher, student, decay)
 
 
@@ -303,7 +303,7 @@ def test_require_ops_env_makes_missing_build_an_error(monkeypatch):
     monkeypatch.setattr(_loader, "_load", lambda: (False, "ImportError: simulated"))
     monkeypatch.delenv("SSLSEG_OPS", raising=False)  # the automatic rule, not a forced backend
     monkeypatch.setenv("SSLSEG_REQUIRE_OPS", "1")
-    with pytest.raises(RuntimeError, match=r"(?s)could not be loaded.*ImportError: simulated.*pip install --no-build-isolation"):
+    with pytest.raises(RuntimeError, match=r"(?s)could not be loaded.*ImportError: simulated.*pip install"):
         ema_update_([torch.zeros(1)], [torch.zeros(1)], 0.5)
 
 

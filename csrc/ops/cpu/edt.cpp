@@ -1,19 +1,15 @@
-// CPU kernel of sslseg::edt, plus the argument checks shared with the CUDA kernel.
+// CPU kernel of sslseg::edt (set-up and checks shared with the CUDA kernel: csrc/ops/edt.cpp).
 //
 // Layout: the mask is viewed as (B, Z, Y, X) (Z = 1 for 2D), X contiguous. Pass 1 works plane by
 // plane while the plane is in cache: the 1D scan along Y for all X at once (vectorised), then the
 // envelope of each contiguous row along X. Pass 2 (3D) solves the lines along Z: they are gathered
 // 64 at a time (256 contiguous bytes per plane, few pages per tile) into a transposed local tile,
 // solved and scattered back. The last pass writes the float32 result (sqrt, and the spacing on
-// the float path). Planes and tiles are split over threads with at::parallel_for.
-#include "checks.h"
+// the float path). Planes and tiles are split over threads with torch::stable::parallel_for.
 #include "ops/edt.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <bit>
@@ -24,32 +20,6 @@
 #include <vector>
 
 namespace sslseg {
-
-void edt_check_args(const at::Tensor& mask, at::ArrayRef<double> spacing, c10::DeviceType expected_device) {
-  const int64_t nsp = static_cast<int64_t>(spacing.size());
-  SSLSEG_CHECK(nsp == 2 || nsp == 3, "edt: spacing must have 2 or 3 entries (one per spatial dim), got ", nsp);
-  SSLSEG_CHECK(mask.dim() >= nsp, "edt: mask must have at least ", nsp, " dims (batch dims, then ", nsp,
-               " spatial dims), got shape ", shape_str(mask));
-  const auto t = mask.scalar_type();
-  SSLSEG_CHECK(t == at::kBool || t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong,
-               "edt: mask must be bool or an integer dtype (nonzero = foreground), got ", t);
-  for (int64_t i = 0; i < nsp; ++i) {
-    SSLSEG_CHECK(std::isfinite(spacing[i]) && spacing[i] > 0.0, "edt: spacing[", i, "] must be finite and > 0, got ",
-                 spacing[i]);
-  }
-  SSLSEG_CHECK(mask.device().type() == expected_device, "edt: mask must be a ", c10::DeviceTypeName(expected_device),
-               " tensor, got ", mask.device());
-}
-
-bool edt_use_float(at::IntArrayRef spatial_sizes, at::ArrayRef<double> spacing) {
-  for (size_t i = 1; i < spacing.size(); ++i) {
-    if (spacing[i] != spacing[0]) return false;
-  }
-  for (int64_t n : spatial_sizes) {
-    if (n > edt_detail::kMaxFloatSize) return false;
-  }
-  return true;
-}
 
 namespace {
 
@@ -212,7 +182,7 @@ void scan_backward(const M* __restrict__ mask, int32_t* __restrict__ c, const in
 template <typename M, typename W>
 void plane_pass(const M* mask, W* work, float* fin, int64_t planes, int64_t Y, int64_t X, W hy, W hx, double scale) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskVoxels / std::max<int64_t>(Y * X, 1));
-  at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+  torch::stable::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
     std::vector<int32_t> fwd(static_cast<size_t>(Y * X));
     std::vector<int32_t> cnt(static_cast<size_t>(X));
     StackStorage<W> stack(X);
@@ -246,7 +216,7 @@ void depth_pass(W* work, float* fin, int64_t B, int64_t Z, int64_t inner, W hz, 
   constexpr int64_t kTile = 64;
   const int64_t tiles_per_b = (inner + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, kMinTaskVoxels / std::max<int64_t>(Z * kTile, 1));
-  at::parallel_for(0, B * tiles_per_b, grain, [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, B * tiles_per_b, grain, [&](int64_t t0, int64_t t1) {
     TileSolver<W> solver(Z, kTile);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles_per_b;
@@ -257,60 +227,30 @@ void depth_pass(W* work, float* fin, int64_t B, int64_t Z, int64_t inner, W hz, 
 }
 
 template <typename M, typename W>
-void edt_run(const at::Tensor& mask, at::Tensor& out, int64_t B, int64_t Z, int64_t Y, int64_t X,
-             at::ArrayRef<double> spacing, bool is3d) {
-  // Float path: voxel units (h = 1) and the common spacing applied at the end.
-  const bool fp = std::is_same_v<W, float>;
-  const double sx = spacing.back();
-  const double sy = spacing[spacing.size() - 2];
-  const double sz = is3d ? spacing[0] : 1.0;
-  const W hx = fp ? W(1) : static_cast<W>(sx);
-  const W hy = fp ? W(1) : static_cast<W>(sy);
-  const W hz = fp ? W(1) : static_cast<W>(sz);
-  const double scale = fp ? sx : 1.0;
-
-  at::Tensor work_t = fp ? out : at::empty({out.numel()}, out.options().dtype(at::kDouble));
-  W* work = static_cast<W*>(work_t.data_ptr());
-  float* result = out.data_ptr<float>();
-  const M* m = mask.const_data_ptr<M>();
+void edt_run(const EdtProblem& p) {
+  const EdtSteps<W> h = edt_steps<W>(p);
+  const Tensor work_t = edt_work(p);
+  W* work = mut_ptr<W>(work_t);
+  float* result = mut_ptr<float>(p.out);
+  const M* m = const_ptr<M>(p.mask);
   // Pass order (shared with the CUDA kernel and the reference twin): scan along Y, envelopes
   // along X, then along Z.
-  if (is3d) {
-    plane_pass<M, W>(m, work, nullptr, B * Z, Y, X, hy, hx, scale);
-    depth_pass<W>(work, result, B, Z, Y * X, hz, scale);
+  if (p.is3d) {
+    plane_pass<M, W>(m, work, nullptr, p.B * p.Z, p.Y, p.X, h.hy, h.hx, h.scale);
+    depth_pass<W>(work, result, p.B, p.Z, p.Y * p.X, h.hz, h.scale);
   } else {
-    plane_pass<M, W>(m, work, result, B, Y, X, hy, hx, scale);
+    plane_pass<M, W>(m, work, result, p.B, p.Y, p.X, h.hy, h.hx, h.scale);
   }
 }
 
-}  // namespace
-
-at::Tensor edt_cpu(const at::Tensor& mask_in, at::ArrayRef<double> spacing) {
-  edt_check_args(mask_in, spacing, c10::DeviceType::CPU);
-  const int64_t nsp = static_cast<int64_t>(spacing.size());
-  at::Tensor out = at::empty(mask_in.sizes(), mask_in.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  const at::Tensor mask = mask_in.contiguous();
-  const auto sizes = mask.sizes();
-  const int64_t d = mask.dim();
-  const bool is3d = nsp == 3;
-  const int64_t X = sizes[d - 1];
-  const int64_t Y = sizes[d - 2];
-  const int64_t Z = is3d ? sizes[d - 3] : 1;
-  const int64_t B = mask.numel() / (X * Y * Z);
-  const bool use_float = edt_use_float(sizes.slice(d - nsp), spacing);
-  AT_DISPATCH_SWITCH(mask.scalar_type(), "edt",
-    AT_DISPATCH_CASE(at::kBool, [&] {
-      if (use_float) edt_run<bool, float>(mask, out, B, Z, Y, X, spacing, is3d);
-      else edt_run<bool, double>(mask, out, B, Z, Y, X, spacing, is3d);
-    })
-    AT_DISPATCH_CASE_INTEGRAL_TYPES([&] {
-      if (use_float) edt_run<scalar_t, float>(mask, out, B, Z, Y, X, spacing, is3d);
-      else edt_run<scalar_t, double>(mask, out, B, Z, Y, X, spacing, is3d);
-    }));
-  return out;
+Tensor edt_cpu(Tensor mask, std::vector<double> spacing) {
+  const EdtProblem p = edt_prepare(mask, spacing, DeviceType::CPU);
+  if (p.out.numel() == 0) return p.out;
+  edt_dispatch(p, [&](auto m, auto w) { edt_run<decltype(m), decltype(w)>(p); });
+  return p.out;
 }
 
-TORCH_LIBRARY_IMPL(sslseg, CPU, m) { m.impl("edt", &edt_cpu); }
-
+}  // namespace
 }  // namespace sslseg
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CPU, m) { m.impl("edt", TORCH_BOX(&sslseg::edt_cpu)); }

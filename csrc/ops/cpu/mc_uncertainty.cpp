@@ -1,25 +1,22 @@
-// CPU kernels of sslseg::mc_softmax_accumulate_ and sslseg::mc_entropy_finalize_, plus the checks
-// shared with the CUDA kernels (csrc/ops/cuda/mc_uncertainty.cu).
+// CPU kernels of sslseg::mc_softmax_accumulate_ and sslseg::mc_entropy_finalize_, checks
+// shared with the CUDA kernels (csrc/ops/mc_uncertainty.cpp).
 //
 // Work unit: one batch element x a run of kChunk voxels, all classes. The softmax over classes is
 // computed in three sweeps over the chunk (max, exp + sum, scale + accumulate) so that every inner
 // loop runs along contiguous voxels and vectorises; exp/log are branch-free Cephes polynomials
 // (about 1 ulp) that the compiler vectorises, compiled for AVX2 as well as the baseline ISA.
-#include "checks.h"
+#include "fastmath.h"
 #include "ops/mc_uncertainty.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 namespace sslseg {
@@ -29,31 +26,6 @@ using fastmath::vexp;
 using fastmath::vlog;
 
 constexpr int64_t kChunk = 256;
-
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kByte: return "uint8";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
-
-void check_acc(const char* op, const at::Tensor& acc, c10::DeviceType expected_device) {
-  SSLSEG_CHECK(acc.defined(), op, ": acc must be a defined tensor");
-  SSLSEG_CHECK(acc.dim() >= 2, op, ": acc must be (B, C, *spatial), got shape ", shape_str(acc));
-  SSLSEG_CHECK(acc.size(1) >= 1, op, ": acc must have at least 1 class, got shape ", shape_str(acc));
-  SSLSEG_CHECK(acc.device().type() == expected_device, op, ": acc must be a ", c10::DeviceTypeName(expected_device),
-               " tensor, got ", acc.device());
-  SSLSEG_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble, op,
-               ": acc must be float32 or float64 (the accumulator), got ", dtype_name(acc.scalar_type()));
-  SSLSEG_CHECK(acc.is_contiguous(), op, ": acc must be contiguous");
-}
 
 // acc[c][j] (+)= softmax over c of x[c][j], for j < n; x and acc have channel stride xs / as.
 // m, s: n floats; e: C * n floats of scratch.
@@ -123,13 +95,13 @@ inline A load(const L& v) {
 
 // float accumulator: logits of any dtype, converted to float per chunk unless already float.
 template <typename L>
-void accumulate_f32(const at::Tensor& acc, const at::Tensor& logits, bool overwrite) {
+void accumulate_f32(const Tensor& acc, const Tensor& logits, bool overwrite) {
   const int64_t B = acc.size(0), C = acc.size(1), S = acc.numel() / (B * C);
   const int64_t chunks = (S + kChunk - 1) / kChunk;
-  const L* xp = logits.const_data_ptr<L>();
-  float* ap = acc.data_ptr<float>();
+  const L* xp = const_ptr<L>(logits);
+  float* ap = mut_ptr<float>(acc);
   const int64_t grain = std::max<int64_t>(1, 8192 / (C * kChunk));
-  at::parallel_for(0, B * chunks, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, B * chunks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf((C + 2) * kChunk + (std::is_same_v<L, float> ? 0 : C * kChunk));
     float* m = buf.data();
     float* s = m + kChunk;
@@ -152,11 +124,11 @@ void accumulate_f32(const at::Tensor& acc, const at::Tensor& logits, bool overwr
 
 // double accumulator: plain loops in double with std::exp.
 template <typename L>
-void accumulate_f64(const at::Tensor& acc, const at::Tensor& logits, bool overwrite) {
+void accumulate_f64(const Tensor& acc, const Tensor& logits, bool overwrite) {
   const int64_t B = acc.size(0), C = acc.size(1), S = acc.numel() / (B * C);
-  const L* xp = logits.const_data_ptr<L>();
-  double* ap = acc.data_ptr<double>();
-  at::parallel_for(0, B * S, 2048, [&](int64_t begin, int64_t end) {
+  const L* xp = const_ptr<L>(logits);
+  double* ap = mut_ptr<double>(acc);
+  torch::stable::parallel_for(0, B * S, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) {
       const int64_t b = v / S, j = v % S;
       const L* x = xp + b * C * S + j;
@@ -175,76 +147,51 @@ void accumulate_f64(const at::Tensor& acc, const at::Tensor& logits, bool overwr
 }
 
 template <typename A>
-void dispatch_logits(const at::Tensor& acc, const at::Tensor& logits, bool overwrite) {
+void dispatch_logits(const Tensor& acc, const Tensor& logits, bool overwrite) {
   auto run = [&](auto tag) {
     using L = decltype(tag);
     if constexpr (std::is_same_v<A, float>) accumulate_f32<L>(acc, logits, overwrite);
     else accumulate_f64<L>(acc, logits, overwrite);
   };
   switch (logits.scalar_type()) {
-    case at::kFloat: return run(float{});
-    case at::kDouble: return run(double{});
-    case at::kHalf: return run(c10::Half{});
-    case at::kBFloat16: return run(c10::BFloat16{});
-    default: TORCH_INTERNAL_ASSERT(false, "mc_softmax_accumulate_: unexpected logits dtype ", logits.scalar_type());
+    case ScalarType::Float: return run(float{});
+    case ScalarType::Double: return run(double{});
+    case ScalarType::Half: return run(torch::headeronly::Half{});
+    case ScalarType::BFloat16: return run(torch::headeronly::BFloat16{});
+    default: SSLSEG_CHECK(false, "mc_softmax_accumulate_: unexpected logits dtype ", dtype_name(logits.scalar_type()));
   }
 }
 
-}  // namespace
-
-void mc_accumulate_check(const at::Tensor& acc, const at::Tensor& logits, c10::DeviceType expected_device) {
-  check_acc("mc_softmax_accumulate_", acc, expected_device);
-  SSLSEG_CHECK(logits.defined(), "mc_softmax_accumulate_: logits must be a defined tensor");
-  SSLSEG_CHECK(logits.sizes() == acc.sizes(), "mc_softmax_accumulate_: logits must have the shape of acc ",
-               shape_str(acc), ", got ", shape_str(logits));
-  SSLSEG_CHECK(logits.device() == acc.device(), "mc_softmax_accumulate_: logits must be on the device of acc (",
-               acc.device(), "), got ", logits.device());
-  SSLSEG_CHECK(is_supported_float(logits.scalar_type()),
-               "mc_softmax_accumulate_: logits must be float16, bfloat16, float32 or float64, got ",
-               dtype_name(logits.scalar_type()));
-}
-
-void mc_finalize_check(const at::Tensor& acc, int64_t count, bool normalize, double eps,
-                       c10::DeviceType expected_device) {
-  check_acc("mc_entropy_finalize_", acc, expected_device);
-  SSLSEG_CHECK(count >= 1, "mc_entropy_finalize_: count must be >= 1 (the number of accumulated passes), got ", count);
-  SSLSEG_CHECK(eps >= 0.0, "mc_entropy_finalize_: eps must be >= 0, got ", eps);
-  SSLSEG_CHECK(!normalize || acc.size(1) >= 2, "mc_entropy_finalize_: normalize=True needs at least 2 classes, got ",
-               acc.size(1));
-}
-
-void mc_softmax_accumulate_cpu(const at::Tensor& acc, const at::Tensor& logits, bool overwrite) {
-  mc_accumulate_check(acc, logits, c10::DeviceType::CPU);
+void mc_softmax_accumulate_cpu(Tensor acc, Tensor logits, bool overwrite) {
+  mc_accumulate_check(acc, logits, DeviceType::CPU);
   if (acc.numel() == 0) return;
-  const at::Tensor x = logits.contiguous();
-  if (acc.scalar_type() == at::kDouble) dispatch_logits<double>(acc, x, overwrite);
+  const Tensor x = torch::stable::contiguous(logits);
+  if (acc.scalar_type() == ScalarType::Double) dispatch_logits<double>(acc, x, overwrite);
   else dispatch_logits<float>(acc, x, overwrite);
 }
 
-at::Tensor mc_entropy_finalize_cpu(const at::Tensor& acc, int64_t count, bool normalize, double eps) {
-  mc_finalize_check(acc, count, normalize, eps, c10::DeviceType::CPU);
-  std::vector<int64_t> shape(acc.sizes().begin(), acc.sizes().end());
-  shape[1] = 1;
-  at::Tensor ent = at::empty(shape, acc.options());
+Tensor mc_entropy_finalize_cpu(Tensor acc, int64_t count, bool normalize, double eps) {
+  mc_finalize_check(acc, count, normalize, eps, DeviceType::CPU);
+  Tensor ent = mc_entropy_output(acc);
   if (acc.numel() == 0) return ent;
   const int64_t B = acc.size(0), C = acc.size(1), S = acc.numel() / (B * C);
-  if (acc.scalar_type() == at::kFloat) {
-    float* ap = acc.data_ptr<float>();
-    float* ep = ent.data_ptr<float>();
+  if (acc.scalar_type() == ScalarType::Float) {
+    float* ap = mut_ptr<float>(acc);
+    float* ep = mut_ptr<float>(ent);
     const float cnt = static_cast<float>(count), fe = static_cast<float>(eps);
     const float log_c = static_cast<float>(std::log(static_cast<double>(C)));
     const int64_t chunks = (S + kChunk - 1) / kChunk;
-    at::parallel_for(0, B * chunks, std::max<int64_t>(1, 8192 / (C * kChunk)), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B * chunks, std::max<int64_t>(1, 8192 / (C * kChunk)), [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u / chunks, j0 = (u % chunks) * kChunk, n = std::min(kChunk, S - j0);
         finalize_chunk_f32(ap + b * C * S + j0, S, C, n, cnt, fe, normalize, log_c, ep + b * S + j0);
       }
     });
   } else {
-    double* ap = acc.data_ptr<double>();
-    double* ep = ent.data_ptr<double>();
+    double* ap = mut_ptr<double>(acc);
+    double* ep = mut_ptr<double>(ent);
     const double cnt = static_cast<double>(count), log_c = std::log(static_cast<double>(C));
-    at::parallel_for(0, B * S, 2048, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B * S, 2048, [&](int64_t begin, int64_t end) {
       for (int64_t v = begin; v < end; ++v) {
         const int64_t b = v / S, j = v % S;
         double* a = ap + b * C * S + j;
@@ -261,9 +208,10 @@ at::Tensor mc_entropy_finalize_cpu(const at::Tensor& acc, int64_t count, bool no
   return ent;
 }
 
-TORCH_LIBRARY_IMPL(sslseg, CPU, m) {
-  m.impl("mc_softmax_accumulate_", &mc_softmax_accumulate_cpu);
-  m.impl("mc_entropy_finalize_", &mc_entropy_finalize_cpu);
-}
-
+}  // namespace
 }  // namespace sslseg
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CPU, m) {
+  m.impl("mc_softmax_accumulate_", TORCH_BOX(&sslseg::mc_softmax_accumulate_cpu));
+  m.impl("mc_entropy_finalize_", TORCH_BOX(&sslseg::mc_entropy_finalize_cpu));
+}

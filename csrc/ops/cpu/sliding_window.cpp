@@ -1,211 +1,34 @@
-// CPU kernels of sslseg::sw_gather and sslseg::sw_accumulate_, plus the argument checks and grid
-// helpers shared with the CUDA kernels (csrc/ops/cuda/sliding_window.cu).
+// CPU kernels of sslseg::sw_gather and sslseg::sw_accumulate_ (checks and grid helpers shared
+// with the CUDA kernels: csrc/ops/sliding_window.cpp).
 //
 // sw_accumulate_ writes the first window that covers a voxel (no zero-fill of the output is
 // needed), adds the later ones, and divides by the blending weight when the last window covering
 // the voxel is added: one pass over each window's output, the normalisation fused into it (and,
 // with softmax=true, the softmax over channels of the window's logits as well).
-#include "checks.h"
-#include "ops/mc_uncertainty.h"  // fastmath::vexp
+#include "fastmath.h"
 #include "ops/sliding_window.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <sstream>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace sslseg {
 namespace {
 
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kShort: return "int16";
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
-
-std::string list_str(c10::IntArrayRef v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
-
-// Shared checks of the grid arguments; fills g.count, g.starts (normalised to 3 dims by the caller).
-void check_grid(const char* op, int nd, c10::IntArrayRef starts, c10::IntArrayRef counts, int64_t batch,
-                SwGrid& g) {
-  SSLSEG_CHECK(static_cast<int>(counts.size()) == nd, op, ": counts must have ", nd,
-               " entries (one per spatial dim), got ", counts.size());
-  int64_t total = 0;
-  for (int64_t c : counts) {
-    SSLSEG_CHECK(c >= 1, op, ": counts must be >= 1, got ", list_str(counts));
-    total += c;
-  }
-  SSLSEG_CHECK(static_cast<int64_t>(starts.size()) == total, op, ": starts must hold sum(counts) = ", total,
-               " entries, got ", starts.size());
-  const int off = 3 - nd;
-  g.per_batch = 1;
-  int64_t pos = 0;
-  for (int d = 0; d < nd; ++d) {
-    std::vector<int64_t> s(starts.begin() + pos, starts.begin() + pos + counts[d]);
-    pos += counts[d];
-    for (size_t i = 1; i < s.size(); ++i) {
-      SSLSEG_CHECK(s[i] > s[i - 1], op, ": starts of spatial dim ", d, " must be strictly increasing, got ",
-                   list_str(s));
-    }
-    g.count[off + d] = counts[d];
-    g.starts[off + d] = std::move(s);
-    g.per_batch *= counts[d];
-  }
-  for (int d = 0; d < off; ++d) {
-    g.count[d] = 1;
-    g.starts[d] = {0};
-  }
-  (void)batch;
-}
-
-}  // namespace
-
-Sw5 sw_as5(const at::Tensor& t) {
-  Sw5 r;
-  if (t.dim() == 5) {
-    for (int i = 0; i < 5; ++i) {
-      r.size[i] = t.size(i);
-      r.stride[i] = t.stride(i);
-    }
-  } else {
-    r.size = {t.size(0), t.size(1), 1, t.size(2), t.size(3)};
-    r.stride = {t.stride(0), t.stride(1), 0, t.stride(2), t.stride(3)};
-  }
-  return r;
-}
-
-SwWindow sw_window(const SwGrid& g, int64_t w) {
-  SwWindow win;
-  win.b = w / g.per_batch;
-  int64_t r = w % g.per_batch;
-  std::array<int64_t, 3> k{};
-  for (int d = 2; d >= 0; --d) {
-    k[d] = r % g.count[d];
-    r /= g.count[d];
-  }
-  for (int d = 0; d < 3; ++d) {
-    const auto& s = g.starts[d];
-    win.start[d] = s[k[d]];
-    win.first_from[d] = k[d] > 0 ? s[k[d] - 1] + g.roi[d] : std::numeric_limits<int64_t>::min();
-    win.last_before[d] = k[d] + 1 < g.count[d] ? s[k[d] + 1] : std::numeric_limits<int64_t>::max();
-  }
-  return win;
-}
-
-SwGrid sw_gather_check(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
-                       c10::IntArrayRef counts, int64_t window_begin, int64_t window_end,
-                       c10::DeviceType expected_device) {
-  SSLSEG_CHECK(volume.defined(), "sw_gather: volume must be a defined tensor");
-  SSLSEG_CHECK(volume.dim() == 4 || volume.dim() == 5,
-               "sw_gather: volume must be (B, C, *spatial) with 2 or 3 spatial dims, got shape ", shape_str(volume));
-  SSLSEG_CHECK(volume.device().type() == expected_device, "sw_gather: volume must be a ",
-               c10::DeviceTypeName(expected_device), " tensor, got ", volume.device());
-  SSLSEG_CHECK(is_supported_float(volume.scalar_type()),
-               "sw_gather: volume must be float16, bfloat16, float32 or float64, got ", dtype_name(volume.scalar_type()));
-  const int nd = static_cast<int>(volume.dim()) - 2;
-  SSLSEG_CHECK(static_cast<int>(roi_size.size()) == nd, "sw_gather: roi_size must have ", nd,
-               " entries (one per spatial dim of volume), got ", roi_size.size());
-  SwGrid g;
-  g.nd = nd;
-  for (int d = 0; d < nd; ++d) {
-    SSLSEG_CHECK(roi_size[d] >= 1, "sw_gather: roi_size entries must be >= 1, got ", list_str(roi_size));
-    g.roi[3 - nd + d] = roi_size[d];
-  }
-  check_grid("sw_gather", nd, starts, counts, volume.size(0), g);
-  const int64_t total = volume.size(0) * g.per_batch;
-  SSLSEG_CHECK(0 <= window_begin && window_begin <= window_end && window_end <= total, "sw_gather: windows [",
-               window_begin, ", ", window_end, ") must lie in [0, B * prod(counts)] = [0, ", total, "]");
-  return g;
-}
-
-SwGrid sw_accumulate_check(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
-                           const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
-                           int64_t window_begin, c10::DeviceType expected_device) {
-  SSLSEG_CHECK(out.defined() && pred.defined(), "sw_accumulate_: out and pred must be defined tensors");
-  SSLSEG_CHECK(out.dim() == 4 || out.dim() == 5,
-               "sw_accumulate_: out must be (B, C, *spatial) with 2 or 3 spatial dims, got shape ", shape_str(out));
-  SSLSEG_CHECK(out.device().type() == expected_device, "sw_accumulate_: out must be a ",
-               c10::DeviceTypeName(expected_device), " tensor, got ", out.device());
-  SSLSEG_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
-               "sw_accumulate_: out must be float32 or float64 (the accumulator), got ", dtype_name(out.scalar_type()));
-  const int nd = static_cast<int>(out.dim()) - 2;
-  SSLSEG_CHECK(pred.dim() == out.dim(), "sw_accumulate_: pred must be (N, C, *roi) with the ", nd,
-               " spatial dims of out, got shape ", shape_str(pred));
-  SSLSEG_CHECK(pred.size(1) == out.size(1), "sw_accumulate_: pred must have the ", out.size(1),
-               " channels of out, got ", pred.size(1));
-  SSLSEG_CHECK(pred.device() == out.device(), "sw_accumulate_: pred must be on the device of out (", out.device(),
-               "), got ", pred.device());
-  SSLSEG_CHECK(is_supported_float(pred.scalar_type()),
-               "sw_accumulate_: pred must be float16, bfloat16, float32 or float64, got ", dtype_name(pred.scalar_type()));
-  SwGrid g;
-  g.nd = nd;
-  for (int d = 0; d < nd; ++d) {
-    SSLSEG_CHECK(pred.size(2 + d) >= 1, "sw_accumulate_: pred's window size must be >= 1, got shape ", shape_str(pred));
-    g.roi[3 - nd + d] = pred.size(2 + d);
-  }
-  if (importance.has_value() && importance->defined()) {
-    const at::Tensor& imp = *importance;
-    int64_t sep_len = 1;
-    for (int d = 0; d < nd; ++d) sep_len += pred.size(2 + d);
-    const bool separable = imp.dim() == 1 && imp.size(0) == sep_len;
-    SSLSEG_CHECK(separable || imp.sizes() == pred.sizes().slice(2), "sw_accumulate_: importance must have the window shape ",
-                 list_str(pred.sizes().slice(2)), " or be separable (1-D, sum(roi) + 1 = ", sep_len, " entries), got ",
-                 shape_str(imp));
-    SSLSEG_CHECK(imp.scalar_type() == out.scalar_type(), "sw_accumulate_: importance must have the dtype of out (",
-                 dtype_name(out.scalar_type()), "), got ", dtype_name(imp.scalar_type()));
-    SSLSEG_CHECK(imp.device() == out.device(), "sw_accumulate_: importance must be on the device of out (",
-                 out.device(), "), got ", imp.device());
-  }
-  if (weight.has_value() && weight->defined()) {
-    const at::Tensor& w = *weight;
-    SSLSEG_CHECK(w.sizes() == out.sizes().slice(2), "sw_accumulate_: weight must have the spatial shape of out ",
-                 list_str(out.sizes().slice(2)), ", got ", shape_str(w));
-    SSLSEG_CHECK(w.scalar_type() == out.scalar_type(), "sw_accumulate_: weight must have the dtype of out (",
-                 dtype_name(out.scalar_type()), "), got ", dtype_name(w.scalar_type()));
-    SSLSEG_CHECK(w.device() == out.device(), "sw_accumulate_: weight must be on the device of out (", out.device(),
-                 "), got ", w.device());
-  }
-  check_grid("sw_accumulate_", nd, starts, counts, out.size(0), g);
-  const int64_t total = out.size(0) * g.per_batch;
-  const int64_t n = pred.size(0);
-  SSLSEG_CHECK(0 <= window_begin && window_begin + n <= total, "sw_accumulate_: windows [", window_begin, ", ",
-               window_begin + n, ") must lie in [0, B * prod(counts)] = [0, ", total, "]");
-  return g;
-}
-
-namespace {
-
 // ---- gather ------------------------------------------------------------------------------------
 
 template <typename T>
-void gather_impl(const at::Tensor& volume, at::Tensor& out, const SwGrid& g, int64_t wb, int64_t we, double pad) {
+void gather_impl(const Tensor& volume, Tensor& out, const SwGrid& g, int64_t wb, int64_t we, double pad) {
   const Sw5 v = sw_as5(volume);
-  const T* src = volume.const_data_ptr<T>();
-  T* dst = out.data_ptr<T>();
+  const T* src = const_ptr<T>(volume);
+  T* dst = mut_ptr<T>(out);
   T padv;
   if constexpr (std::is_same_v<T, double>) padv = pad;
   else padv = static_cast<T>(static_cast<float>(pad));
@@ -215,7 +38,7 @@ void gather_impl(const at::Tensor& volume, at::Tensor& out, const SwGrid& g, int
   const int64_t r0 = g.roi[0], r1 = g.roi[1], r2 = g.roi[2];
   const int64_t rows = (we - wb) * C * r0 * r1;
   const int64_t grain = std::max<int64_t>(1, 32768 / r2);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     int64_t i1 = begin % r1, t = begin / r1;
     int64_t i0 = t % r0;
     t /= r0;
@@ -355,13 +178,13 @@ void sep_row(A* __restrict__ dst, const A* __restrict__ f2, A s01, A floor, int6
 }
 
 template <typename P, typename A, bool kImp, bool kUnit>
-void accumulate_windows(const at::Tensor& out, const at::Tensor& pred, const A* imp, const at::Tensor* weight,
+void accumulate_windows(const Tensor& out, const Tensor& pred, const A* imp, const Tensor* weight,
                         const SwGrid& g, int64_t window_begin, bool softmax, bool separable) {
   const SepImp<A> sep = kImp && separable ? sep_imp(imp, g) : SepImp<A>{};
   const Sw5 o5 = sw_as5(out), p5 = sw_as5(pred);
-  A* op = out.data_ptr<A>();
-  const P* pp = pred.const_data_ptr<P>();
-  const A* wp = weight ? weight->const_data_ptr<A>() : nullptr;
+  A* op = mut_ptr<A>(out);
+  const P* pp = const_ptr<P>(pred);
+  const A* wp = weight ? const_ptr<A>(*weight) : nullptr;
   std::array<int64_t, 3> wst{0, 0, 0};
   if (weight) {
     const int nd = static_cast<int>(weight->dim());
@@ -393,7 +216,7 @@ void accumulate_windows(const at::Tensor& out, const at::Tensor& pred, const A* 
     const int64_t obase = win.b * o5.stride[0];
     const int64_t pbase = n * p5.stride[0];
     const int64_t len = hi[2] - lo[2];
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       // softmax: the row's probabilities for all channels, computed once, unit stride.
       std::vector<A> buf(softmax ? (C + 2) * len : 0);
       // separable importance: the row of the map, computed once per row for all channels.
@@ -454,14 +277,14 @@ void accumulate_windows(const at::Tensor& out, const at::Tensor& pred, const A* 
 }
 
 template <typename P, typename A>
-void accumulate_dispatch(const at::Tensor& out, const at::Tensor& pred, const at::Tensor& imp,
-                         const at::Tensor* weight, const SwGrid& g, int64_t window_begin, bool softmax) {
+void accumulate_dispatch(const Tensor& out, const Tensor& pred, const std::optional<Tensor>& imp,
+                         const Tensor* weight, const SwGrid& g, int64_t window_begin, bool softmax) {
   // Unit stride along the last dim for every operand the run loop reads (pred: unless softmax
   // copies it into a unit-stride buffer first).
-  const bool unit = out.stride(-1) == 1 && (softmax || pred.stride(-1) == 1) &&
-                    (weight == nullptr || weight->stride(-1) == 1);
-  const A* ip = imp.defined() ? imp.const_data_ptr<A>() : nullptr;
-  const bool sep = imp.defined() && imp.dim() == 1;
+  const bool unit = out.stride(out.dim() - 1) == 1 && (softmax || pred.stride(pred.dim() - 1) == 1) &&
+                    (weight == nullptr || weight->stride(weight->dim() - 1) == 1);
+  const A* ip = imp ? const_ptr<A>(*imp) : nullptr;
+  const bool sep = imp && imp->dim() == 1;
   if (ip) {
     if (unit) accumulate_windows<P, A, true, true>(out, pred, ip, weight, g, window_begin, softmax, sep);
     else accumulate_windows<P, A, true, false>(out, pred, ip, weight, g, window_begin, softmax, sep);
@@ -472,54 +295,53 @@ void accumulate_dispatch(const at::Tensor& out, const at::Tensor& pred, const at
 }
 
 template <typename A>
-void accumulate_pred(const at::Tensor& out, const at::Tensor& pred, const at::Tensor& imp, const at::Tensor* weight,
+void accumulate_pred(const Tensor& out, const Tensor& pred, const std::optional<Tensor>& imp, const Tensor* weight,
                      const SwGrid& g, int64_t window_begin, bool softmax) {
   switch (pred.scalar_type()) {
-    case at::kFloat: return accumulate_dispatch<float, A>(out, pred, imp, weight, g, window_begin, softmax);
-    case at::kDouble: return accumulate_dispatch<double, A>(out, pred, imp, weight, g, window_begin, softmax);
-    case at::kHalf: return accumulate_dispatch<c10::Half, A>(out, pred, imp, weight, g, window_begin, softmax);
-    case at::kBFloat16:
-      return accumulate_dispatch<c10::BFloat16, A>(out, pred, imp, weight, g, window_begin, softmax);
-    default: TORCH_INTERNAL_ASSERT(false, "sw_accumulate_: unexpected pred dtype ", pred.scalar_type());
+    case ScalarType::Float: return accumulate_dispatch<float, A>(out, pred, imp, weight, g, window_begin, softmax);
+    case ScalarType::Double: return accumulate_dispatch<double, A>(out, pred, imp, weight, g, window_begin, softmax);
+    case ScalarType::Half: return accumulate_dispatch<torch::headeronly::Half, A>(out, pred, imp, weight, g, window_begin, softmax);
+    case ScalarType::BFloat16:
+      return accumulate_dispatch<torch::headeronly::BFloat16, A>(out, pred, imp, weight, g, window_begin, softmax);
+    default: SSLSEG_CHECK(false, "sw_accumulate_: unexpected pred dtype ", dtype_name(pred.scalar_type()));
   }
 }
 
-}  // namespace
-
-at::Tensor sw_gather_cpu(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
-                         c10::IntArrayRef counts, int64_t window_begin, int64_t window_end, double pad_value) {
-  const SwGrid g = sw_gather_check(volume, roi_size, starts, counts, window_begin, window_end, c10::DeviceType::CPU);
-  std::vector<int64_t> shape{window_end - window_begin, volume.size(1)};
-  shape.insert(shape.end(), roi_size.begin(), roi_size.end());
-  at::Tensor out = at::empty(shape, volume.options().memory_format(at::MemoryFormat::Contiguous));
+Tensor sw_gather_cpu(Tensor volume, std::vector<int64_t> roi_size, std::vector<int64_t> starts,
+                     std::vector<int64_t> counts, int64_t window_begin, int64_t window_end, double pad_value) {
+  const SwGrid g = sw_gather_check(volume, roi_size, starts, counts, window_begin, window_end, DeviceType::CPU);
+  Tensor out = sw_gather_output(volume, roi_size, window_begin, window_end);
   if (out.numel() == 0) return out;
   switch (volume.scalar_type()) {
-    case at::kFloat: gather_impl<float>(volume, out, g, window_begin, window_end, pad_value); break;
-    case at::kDouble: gather_impl<double>(volume, out, g, window_begin, window_end, pad_value); break;
-    case at::kHalf: gather_impl<c10::Half>(volume, out, g, window_begin, window_end, pad_value); break;
-    case at::kBFloat16: gather_impl<c10::BFloat16>(volume, out, g, window_begin, window_end, pad_value); break;
-    default: TORCH_INTERNAL_ASSERT(false, "sw_gather: unexpected dtype ", volume.scalar_type());
+    case ScalarType::Float: gather_impl<float>(volume, out, g, window_begin, window_end, pad_value); break;
+    case ScalarType::Double: gather_impl<double>(volume, out, g, window_begin, window_end, pad_value); break;
+    case ScalarType::Half: gather_impl<torch::headeronly::Half>(volume, out, g, window_begin, window_end, pad_value); break;
+    case ScalarType::BFloat16:
+      gather_impl<torch::headeronly::BFloat16>(volume, out, g, window_begin, window_end, pad_value);
+      break;
+    default: SSLSEG_CHECK(false, "sw_gather: unexpected dtype ", dtype_name(volume.scalar_type()));
   }
   return out;
 }
 
-void sw_accumulate_cpu(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
-                       const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
-                       int64_t window_begin, bool softmax) {
-  const SwGrid g =
-      sw_accumulate_check(out, pred, importance, weight, starts, counts, window_begin, c10::DeviceType::CPU);
+void sw_accumulate_cpu(Tensor out, Tensor pred, std::optional<Tensor> importance, std::optional<Tensor> weight,
+                       std::vector<int64_t> starts, std::vector<int64_t> counts, int64_t window_begin, bool softmax) {
+  const SwGrid g = sw_accumulate_check(out, pred, importance, weight, starts, counts, window_begin, DeviceType::CPU);
   if (out.numel() == 0 || pred.numel() == 0) return;
   // The importance map is window-sized (small): the kernel reads it as a dense C-order array.
-  const at::Tensor imp = importance.has_value() && importance->defined() ? importance->contiguous() : at::Tensor();
+  const std::optional<Tensor> imp =
+      importance.has_value() && importance->defined() ? std::optional<Tensor>(torch::stable::contiguous(*importance))
+                                                      : std::nullopt;
   const bool has_w = weight.has_value() && weight->defined();
-  const at::Tensor* w = has_w ? &*weight : nullptr;
-  if (out.scalar_type() == at::kDouble) accumulate_pred<double>(out, pred, imp, w, g, window_begin, softmax);
+  const Tensor* w = has_w ? &*weight : nullptr;
+  if (out.scalar_type() == ScalarType::Double) accumulate_pred<double>(out, pred, imp, w, g, window_begin, softmax);
   else accumulate_pred<float>(out, pred, imp, w, g, window_begin, softmax);
 }
 
-TORCH_LIBRARY_IMPL(sslseg, CPU, m) {
-  m.impl("sw_gather", &sw_gather_cpu);
-  m.impl("sw_accumulate_", &sw_accumulate_cpu);
-}
-
+}  // namespace
 }  // namespace sslseg
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CPU, m) {
+  m.impl("sw_gather", TORCH_BOX(&sslseg::sw_gather_cpu));
+  m.impl("sw_accumulate_", TORCH_BOX(&sslseg::sw_accumulate_cpu));
+}

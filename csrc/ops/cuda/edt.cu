@@ -1,18 +1,12 @@
 // CUDA kernel of sslseg::edt: one thread per line, running the per-line algorithms shared with the
-// CPU kernel (csrc/ops/edt.h), in the same pass order (scan along Y, then envelopes along X, then
+// CPU kernel (csrc/ops/edt.h), after the set-up and checks they share (csrc/ops/edt.cpp), in the same pass order (scan along Y, then envelopes along X, then
 // Z), so CPU and CUDA results are bit-identical. Along Y and Z, neighbouring threads own
 // neighbouring lines, so every step of the line walk is a coalesced access across the warp. The envelope stacks live in
 // a global scratch laid out [k][line] (coalesced too), processed in chunks of lines to bound it.
-#include "checks.h"
+#include "cuda/launch.h"
 #include "ops/edt.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -119,86 +113,59 @@ __global__ void edt_envelope_kernel(W* work, float* fin, int32_t* sv, W* sf, W* 
 
 template <typename W>
 void envelope_pass_cuda(W* work, float* fin, int64_t outer, int64_t n, int64_t inner, W h, double scale,
-                        const at::Tensor& like, cudaStream_t stream) {
+                        const Tensor& like, cudaStream_t stream) {
   const int64_t lines = outer * inner;
   if (lines == 0 || n == 0) return;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(lines, kScratchEntries / (n + 1)));
-  at::Tensor sv = at::empty({chunk * (n + 1)}, like.options().dtype(at::kInt));
-  const auto wtype = std::is_same_v<W, float> ? at::kFloat : at::kDouble;
-  at::Tensor sf = at::empty({chunk * (n + 1)}, like.options().dtype(wtype));
-  at::Tensor sz = at::empty({chunk * (n + 1)}, like.options().dtype(wtype));
+  const int64_t entries = chunk * (n + 1);
+  const IntList size(&entries, 1);
+  const Tensor sv = new_tensor(like, size, ScalarType::Int);
+  const auto wtype = std::is_same_v<W, float> ? ScalarType::Float : ScalarType::Double;
+  const Tensor sf = new_tensor(like, size, wtype);
+  const Tensor sz = new_tensor(like, size, wtype);
   for (int64_t first = 0; first < lines; first += chunk) {
     const int64_t count = std::min(chunk, lines - first);
     const int64_t blocks = (count + kThreads - 1) / kThreads;
     edt_envelope_kernel<W><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-        work, fin, sv.data_ptr<int32_t>(), static_cast<W*>(sf.data_ptr()), static_cast<W*>(sz.data_ptr()), first, count,
+        work, fin, mut_ptr<int32_t>(sv), mut_ptr<W>(sf), mut_ptr<W>(sz), first, count,
         n, inner, h, scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename M, typename W>
-void edt_run_cuda(const at::Tensor& mask, at::Tensor& out, int64_t B, int64_t Z, int64_t Y, int64_t X,
-                  at::ArrayRef<double> spacing, bool is3d, cudaStream_t stream) {
-  const bool fp = std::is_same_v<W, float>;
-  const double sx = spacing.back();
-  const double sy = spacing[spacing.size() - 2];
-  const double sz = is3d ? spacing[0] : 1.0;
-  const W hx = fp ? W(1) : static_cast<W>(sx);
-  const W hy = fp ? W(1) : static_cast<W>(sy);
-  const W hz = fp ? W(1) : static_cast<W>(sz);
-  const double scale = fp ? sx : 1.0;
-
-  at::Tensor work_t = fp ? out : at::empty({out.numel()}, out.options().dtype(at::kDouble));
-  W* work = static_cast<W*>(work_t.data_ptr());
-  float* result = out.data_ptr<float>();
+void edt_run_cuda(const EdtProblem& p, cudaStream_t stream) {
+  const EdtSteps<W> h = edt_steps<W>(p);
+  const Tensor work_t = edt_work(p);
+  W* work = mut_ptr<W>(work_t);
+  float* result = mut_ptr<float>(p.out);
   // Pass order shared with the CPU kernel and the reference twin: scan along Y, envelopes along
   // X, then along Z.
-  const int64_t columns = B * Z * X;
+  const int64_t columns = p.B * p.Z * p.X;
   const int64_t blocks = (columns + kThreads - 1) / kThreads;
-  edt_scan_kernel<M, W><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(mask.const_data_ptr<M>(), work,
-                                                                                     columns, Y, X, hy);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (is3d) {
-    envelope_pass_cuda<W>(work, nullptr, B * Z * Y, X, 1, hx, scale, out, stream);
-    envelope_pass_cuda<W>(work, result, B, Z, Y * X, hz, scale, out, stream);
+  edt_scan_kernel<M, W><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(const_ptr<M>(p.mask), work,
+                                                                                     columns, p.Y, p.X, h.hy);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.is3d) {
+    envelope_pass_cuda<W>(work, nullptr, p.B * p.Z * p.Y, p.X, 1, h.hx, h.scale, p.out, stream);
+    envelope_pass_cuda<W>(work, result, p.B, p.Z, p.Y * p.X, h.hz, h.scale, p.out, stream);
   } else {
-    envelope_pass_cuda<W>(work, result, B * Z * Y, X, 1, hx, scale, out, stream);
+    envelope_pass_cuda<W>(work, result, p.B * p.Z * p.Y, p.X, 1, h.hx, h.scale, p.out, stream);
   }
 }
 
-}  // namespace
-
-at::Tensor edt_cuda(const at::Tensor& mask_in, at::ArrayRef<double> spacing) {
-  edt_check_args(mask_in, spacing, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(mask_in.device());
-  const int64_t nsp = static_cast<int64_t>(spacing.size());
-  at::Tensor out = at::empty(mask_in.sizes(), mask_in.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  const at::Tensor mask = mask_in.contiguous();
-  const auto sizes = mask.sizes();
-  const int64_t d = mask.dim();
-  const bool is3d = nsp == 3;
-  const int64_t X = sizes[d - 1];
-  const int64_t Y = sizes[d - 2];
-  const int64_t Z = is3d ? sizes[d - 3] : 1;
-  const int64_t B = mask.numel() / (X * Y * Z);
-  SSLSEG_CHECK(std::max({X, Y, Z}) < (int64_t(1) << 31), "edt: each spatial size must be < 2^31 on CUDA, got shape ",
-               shape_str(mask));
-  const bool use_float = edt_use_float(sizes.slice(d - nsp), spacing);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(mask.scalar_type(), "edt",
-    AT_DISPATCH_CASE(at::kBool, [&] {
-      if (use_float) edt_run_cuda<bool, float>(mask, out, B, Z, Y, X, spacing, is3d, stream);
-      else edt_run_cuda<bool, double>(mask, out, B, Z, Y, X, spacing, is3d, stream);
-    })
-    AT_DISPATCH_CASE_INTEGRAL_TYPES([&] {
-      if (use_float) edt_run_cuda<scalar_t, float>(mask, out, B, Z, Y, X, spacing, is3d, stream);
-      else edt_run_cuda<scalar_t, double>(mask, out, B, Z, Y, X, spacing, is3d, stream);
-    }));
-  return out;
+Tensor edt_cuda(Tensor mask, std::vector<double> spacing) {
+  const CudaDeviceScope scope(mask);
+  const EdtProblem p = edt_prepare(mask, spacing, DeviceType::CUDA);
+  if (p.out.numel() == 0) return p.out;
+  SSLSEG_CHECK(std::max({p.X, p.Y, p.Z}) < (int64_t(1) << 31),
+               "edt: each spatial size must be < 2^31 on CUDA, got shape ", shape_str(mask));
+  const cudaStream_t stream = current_stream(mask);
+  edt_dispatch(p, [&](auto m, auto w) { edt_run_cuda<decltype(m), decltype(w)>(p, stream); });
+  return p.out;
 }
 
-TORCH_LIBRARY_IMPL(sslseg, CUDA, m) { m.impl("edt", &edt_cuda); }
-
+}  // namespace
 }  // namespace sslseg
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CUDA, m) { m.impl("edt", TORCH_BOX(&sslseg::edt_cuda)); }

@@ -1,19 +1,16 @@
 // CUDA kernel of sslseg::ema_update_: multi-tensor apply. Tensor addresses and a block -> (tensor,
 // chunk) map travel in the kernel's parameter space, so a whole parameter list is updated by one
 // launch (a few for very long lists) with no host-device metadata copy.
-#include "checks.h"
+#include "cuda/launch.h"
 #include "ops/ema.h"
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
 #include <map>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -37,8 +34,8 @@ static_assert(sizeof(EmaMeta) <= 4000, "kernel parameter block too large");
 template <typename T> struct Vec;
 template <> struct Vec<float> { static constexpr int n = 4; };
 template <> struct Vec<double> { static constexpr int n = 2; };
-template <> struct Vec<c10::Half> { static constexpr int n = 8; };
-template <> struct Vec<c10::BFloat16> { static constexpr int n = 8; };
+template <> struct Vec<torch::headeronly::Half> { static constexpr int n = 8; };
+template <> struct Vec<torch::headeronly::BFloat16> { static constexpr int n = 8; };
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -90,7 +87,7 @@ void launch_group(const std::vector<Segment>& segs, double decay, cudaStream_t s
   auto flush = [&]() {
     if (n_blocks == 0) return;
     ema_kernel<T, S><<<n_blocks, kThreads, 0, stream>>>(meta, decay);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     n_blocks = 0;
     n_tensors = 0;
   };
@@ -114,45 +111,56 @@ void launch_group(const std::vector<Segment>& segs, double decay, cudaStream_t s
 }
 
 template <typename T>
-void dispatch_student(at::ScalarType s_type, const std::vector<Segment>& segs, double decay, cudaStream_t stream) {
+void dispatch_student(ScalarType s_type, const std::vector<Segment>& segs, double decay, cudaStream_t stream) {
   switch (s_type) {
-    case at::kFloat: return launch_group<T, float>(segs, decay, stream);
-    case at::kDouble: return launch_group<T, double>(segs, decay, stream);
-    case at::kHalf: return launch_group<T, c10::Half>(segs, decay, stream);
-    case at::kBFloat16: return launch_group<T, c10::BFloat16>(segs, decay, stream);
-    default: TORCH_INTERNAL_ASSERT(false, "ema_update_: unexpected student dtype ", s_type);
+    case ScalarType::Float: return launch_group<T, float>(segs, decay, stream);
+    case ScalarType::Double: return launch_group<T, double>(segs, decay, stream);
+    case ScalarType::Half: return launch_group<T, torch::headeronly::Half>(segs, decay, stream);
+    case ScalarType::BFloat16: return launch_group<T, torch::headeronly::BFloat16>(segs, decay, stream);
+    default: SSLSEG_CHECK(false, "ema_update_: unexpected student dtype ", dtype_name(s_type));
   }
 }
 
-void dispatch_pair(at::ScalarType t_type, at::ScalarType s_type, const std::vector<Segment>& segs, double decay,
+void dispatch_pair(ScalarType t_type, ScalarType s_type, const std::vector<Segment>& segs, double decay,
                    cudaStream_t stream) {
   switch (t_type) {
-    case at::kFloat: return dispatch_student<float>(s_type, segs, decay, stream);
-    case at::kDouble: return dispatch_student<double>(s_type, segs, decay, stream);
-    case at::kHalf: return dispatch_student<c10::Half>(s_type, segs, decay, stream);
-    case at::kBFloat16: return dispatch_student<c10::BFloat16>(s_type, segs, decay, stream);
-    default: TORCH_INTERNAL_ASSERT(false, "ema_update_: unexpected teacher dtype ", t_type);
+    case ScalarType::Float: return dispatch_student<float>(s_type, segs, decay, stream);
+    case ScalarType::Double: return dispatch_student<double>(s_type, segs, decay, stream);
+    case ScalarType::Half: return dispatch_student<torch::headeronly::Half>(s_type, segs, decay, stream);
+    case ScalarType::BFloat16: return dispatch_student<torch::headeronly::BFloat16>(s_type, segs, decay, stream);
+    default: SSLSEG_CHECK(false, "ema_update_: unexpected teacher dtype ", dtype_name(t_type));
   }
+}
+
+void ema_update_lists_cuda(const std::vector<Tensor>& teacher, const std::vector<Tensor>& student, double decay) {
+  if (teacher.empty()) {
+    ema_check_args(teacher, student, decay, DeviceType::CUDA);  // a length mismatch still raises
+    return;
+  }
+  for (size_t i = 1; i < teacher.size(); ++i) {
+    SSLSEG_CHECK(same_device(teacher[i], teacher[0]), "ema_update_: every tensor must be on one device; ",
+                 item_name("teacher", i), " is on ", device_str(teacher[i]), " but teacher[0] is on ",
+                 device_str(teacher[0]));
+  }
+  EmaWork work = ema_prepare(teacher, student, decay, DeviceType::CUDA);
+  const CudaDeviceScope scope(teacher[0]);
+  const cudaStream_t stream = current_stream(teacher[0]);
+  for (const auto& [types, segs] : work.groups) dispatch_pair(types.first, types.second, segs, decay, stream);
+  ema_finish(work);
+}
+
+void ema_update_cuda(std::vector<Tensor> teacher, std::vector<Tensor> student, double decay) {
+  ema_update_lists_cuda(teacher, student, decay);
+}
+
+int64_t ema_plan_new_cuda(std::vector<Tensor> teacher, std::vector<Tensor> student) {
+  return ema_plan_new(std::move(teacher), std::move(student), DeviceType::CUDA, &ema_update_lists_cuda);
 }
 
 }  // namespace
-
-void ema_update_cuda(at::TensorList teacher, at::TensorList student, double decay) {
-  if (teacher.empty()) {
-    ema_check_args(teacher, student, decay, c10::DeviceType::CUDA);  // a length mismatch still raises
-    return;
-  }
-  const c10::cuda::CUDAGuard guard(teacher[0].device());
-  for (size_t i = 1; i < teacher.size(); ++i) {
-    SSLSEG_CHECK(teacher[i].device() == teacher[0].device(), "ema_update_: every tensor must be on one device; ",
-                 item_name("teacher", i), " is on ", teacher[i].device(), " but teacher[0] is on ", teacher[0].device());
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const auto& [types, segs] : ema_prepare(teacher, student, decay, c10::DeviceType::CUDA)) {
-    dispatch_pair(types.first, types.second, segs, decay, stream);
-  }
-}
-
-TORCH_LIBRARY_IMPL(sslseg, CUDA, m) { m.impl("ema_update_", &ema_update_cuda); }
-
 }  // namespace sslseg
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CUDA, m) {
+  m.impl("ema_update_", TORCH_BOX(&sslseg::ema_update_cuda));
+  m.impl("_ema_plan_new", TORCH_BOX(&sslseg::ema_plan_new_cuda));
+}

@@ -1,24 +1,21 @@
 // CUDA kernels of sslseg::sw_gather and sslseg::sw_accumulate_. The checks, the grid and the
-// first/last rules are shared with the CPU kernels (csrc/ops/cpu/sliding_window.cpp).
+// first/last rules are shared with the CPU kernels (csrc/ops/sliding_window.cpp).
 //
 // One launch per window: windows of one call may overlap in the output, and a launch per window
 // keeps the accumulation order (and so the rounding) of the CPU kernel and of MONAI without
 // atomics. A window is ~1e5-1e6 voxels, so launches are not the cost. In sw_accumulate_ a thread
 // owns one voxel and loops over the channels (coalesced: neighbouring threads, neighbouring x2).
-#include "checks.h"
+#include "cuda/launch.h"
 #include "ops/sliding_window.h"
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -26,14 +23,6 @@ namespace sslseg {
 namespace {
 
 constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 20); }
-
-template <typename A, typename P>
-__device__ __forceinline__ A load_as(const P* p) {
-  if constexpr (std::is_same_v<P, double> || std::is_same_v<P, float>) return static_cast<A>(*p);
-  else return static_cast<A>(static_cast<float>(*p));
-}
 
 // Rounded products: keep nvcc from contracting `out + pred * importance` into one FMA, so the
 // result rounds like the CPU kernel (and MONAI's separate mul_ and add_).
@@ -98,9 +87,6 @@ __device__ __forceinline__ A importance_at(const A* __restrict__ imp, const AccA
   return v < floor ? floor : v;
 }
 
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-
 // One thread per voxel of the (clipped) window, looping over the channels: the importance and
 // weight are read once per voxel, and the softmax over channels needs every channel anyway.
 template <typename P, typename A>
@@ -144,7 +130,7 @@ __global__ void accumulate_kernel(A* __restrict__ out, const P* __restrict__ pre
 }
 
 template <typename T>
-void launch_gather(const at::Tensor& volume, at::Tensor& out, const SwGrid& g, int64_t wb, int64_t we, double pad,
+void launch_gather(const Tensor& volume, Tensor& out, const SwGrid& g, int64_t wb, int64_t we, double pad,
                    cudaStream_t stream) {
   const Sw5 v = sw_as5(volume);
   GatherArgs a;
@@ -158,20 +144,20 @@ void launch_gather(const at::Tensor& volume, at::Tensor& out, const SwGrid& g, i
   T padv;
   if constexpr (std::is_same_v<T, double>) padv = pad;
   else padv = static_cast<T>(static_cast<float>(pad));
-  const T* src = volume.const_data_ptr<T>();
-  T* dst = out.data_ptr<T>();
+  const T* src = const_ptr<T>(volume);
+  T* dst = mut_ptr<T>(out);
   for (int64_t w = wb; w < we; ++w) {
     const SwWindow win = sw_window(g, w);
     a.b = win.b;
     for (int d = 0; d < 3; ++d) a.start[d] = win.start[d];
-    gather_kernel<T><<<blocks_for(per_window), kThreads, 0, stream>>>(src, dst + (w - wb) * per_window, a, per_window,
+    gather_kernel<T><<<blocks_for(per_window, kThreads), kThreads, 0, stream>>>(src, dst + (w - wb) * per_window, a, per_window,
                                                                         padv);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename P, typename A>
-void launch_accumulate(const at::Tensor& out, const at::Tensor& pred, const at::Tensor& imp, const at::Tensor* weight,
+void launch_accumulate(const Tensor& out, const Tensor& pred, const std::optional<Tensor>& imp, const Tensor* weight,
                        const SwGrid& g, int64_t window_begin, bool softmax, cudaStream_t stream) {
   const Sw5 o5 = sw_as5(out), p5 = sw_as5(pred);
   AccArgs a;
@@ -187,10 +173,10 @@ void launch_accumulate(const at::Tensor& out, const at::Tensor& pred, const at::
     const int nd = static_cast<int>(weight->dim());
     for (int d = 0; d < nd; ++d) a.wstride[3 - nd + d] = weight->stride(d);
   }
-  A* op = out.data_ptr<A>();
-  const P* pp = pred.const_data_ptr<P>();
-  const A* ip = imp.defined() ? imp.const_data_ptr<A>() : nullptr;
-  a.separable = imp.defined() && imp.dim() == 1;
+  A* op = mut_ptr<A>(out);
+  const P* pp = const_ptr<P>(pred);
+  const A* ip = imp ? const_ptr<A>(*imp) : nullptr;
+  a.separable = imp && imp->dim() == 1;
   a.f_off[0] = -1;
   int64_t off = 0;
   for (int d = 3 - g.nd; d < 3; ++d) {
@@ -198,7 +184,7 @@ void launch_accumulate(const at::Tensor& out, const at::Tensor& pred, const at::
     off += g.roi[d];
   }
   a.floor_off = off;
-  const A* wp = weight ? weight->const_data_ptr<A>() : nullptr;
+  const A* wp = weight ? const_ptr<A>(*weight) : nullptr;
   a.channels = o5.size[1];
   for (int64_t n = 0; n < p5.size[0]; ++n) {
     const SwWindow win = sw_window(g, window_begin + n);
@@ -215,63 +201,64 @@ void launch_accumulate(const at::Tensor& out, const at::Tensor& pred, const at::
     if (total == 0) continue;
     a.b = win.b;
     a.n = n;
-    accumulate_kernel<P, A><<<blocks_for(total), kThreads, 0, stream>>>(op, pp, ip, wp, a, total, softmax);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    accumulate_kernel<P, A><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(op, pp, ip, wp, a, total, softmax);
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename A>
-void accumulate_pred(const at::Tensor& out, const at::Tensor& pred, const at::Tensor& imp, const at::Tensor* weight,
+void accumulate_pred(const Tensor& out, const Tensor& pred, const std::optional<Tensor>& imp, const Tensor* weight,
                      const SwGrid& g, int64_t window_begin, bool softmax, cudaStream_t stream) {
   switch (pred.scalar_type()) {
-    case at::kFloat: return launch_accumulate<float, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
-    case at::kDouble: return launch_accumulate<double, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
-    case at::kHalf: return launch_accumulate<c10::Half, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
-    case at::kBFloat16:
-      return launch_accumulate<c10::BFloat16, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
-    default: TORCH_INTERNAL_ASSERT(false, "sw_accumulate_: unexpected pred dtype ", pred.scalar_type());
+    case ScalarType::Float: return launch_accumulate<float, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    case ScalarType::Double: return launch_accumulate<double, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    case ScalarType::Half: return launch_accumulate<torch::headeronly::Half, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    case ScalarType::BFloat16:
+      return launch_accumulate<torch::headeronly::BFloat16, A>(out, pred, imp, weight, g, window_begin, softmax, stream);
+    default: SSLSEG_CHECK(false, "sw_accumulate_: unexpected pred dtype ", dtype_name(pred.scalar_type()));
   }
 }
 
-}  // namespace
-
-at::Tensor sw_gather_cuda(const at::Tensor& volume, c10::IntArrayRef roi_size, c10::IntArrayRef starts,
-                          c10::IntArrayRef counts, int64_t window_begin, int64_t window_end, double pad_value) {
-  const SwGrid g = sw_gather_check(volume, roi_size, starts, counts, window_begin, window_end, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(volume.device());
-  std::vector<int64_t> shape{window_end - window_begin, volume.size(1)};
-  shape.insert(shape.end(), roi_size.begin(), roi_size.end());
-  at::Tensor out = at::empty(shape, volume.options().memory_format(at::MemoryFormat::Contiguous));
+Tensor sw_gather_cuda(Tensor volume, std::vector<int64_t> roi_size, std::vector<int64_t> starts,
+                      std::vector<int64_t> counts, int64_t window_begin, int64_t window_end, double pad_value) {
+  const SwGrid g = sw_gather_check(volume, roi_size, starts, counts, window_begin, window_end, DeviceType::CUDA);
+  const CudaDeviceScope scope(volume);
+  Tensor out = sw_gather_output(volume, roi_size, window_begin, window_end);
   if (out.numel() == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(volume);
   switch (volume.scalar_type()) {
-    case at::kFloat: launch_gather<float>(volume, out, g, window_begin, window_end, pad_value, stream); break;
-    case at::kDouble: launch_gather<double>(volume, out, g, window_begin, window_end, pad_value, stream); break;
-    case at::kHalf: launch_gather<c10::Half>(volume, out, g, window_begin, window_end, pad_value, stream); break;
-    case at::kBFloat16: launch_gather<c10::BFloat16>(volume, out, g, window_begin, window_end, pad_value, stream); break;
-    default: TORCH_INTERNAL_ASSERT(false, "sw_gather: unexpected dtype ", volume.scalar_type());
+    case ScalarType::Float: launch_gather<float>(volume, out, g, window_begin, window_end, pad_value, stream); break;
+    case ScalarType::Double: launch_gather<double>(volume, out, g, window_begin, window_end, pad_value, stream); break;
+    case ScalarType::Half:
+      launch_gather<torch::headeronly::Half>(volume, out, g, window_begin, window_end, pad_value, stream);
+      break;
+    case ScalarType::BFloat16:
+      launch_gather<torch::headeronly::BFloat16>(volume, out, g, window_begin, window_end, pad_value, stream);
+      break;
+    default: SSLSEG_CHECK(false, "sw_gather: unexpected dtype ", dtype_name(volume.scalar_type()));
   }
   return out;
 }
 
-void sw_accumulate_cuda(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
-                        const std::optional<at::Tensor>& weight, c10::IntArrayRef starts, c10::IntArrayRef counts,
-                        int64_t window_begin, bool softmax) {
-  const SwGrid g =
-      sw_accumulate_check(out, pred, importance, weight, starts, counts, window_begin, c10::DeviceType::CUDA);
+void sw_accumulate_cuda(Tensor out, Tensor pred, std::optional<Tensor> importance, std::optional<Tensor> weight,
+                        std::vector<int64_t> starts, std::vector<int64_t> counts, int64_t window_begin, bool softmax) {
+  const SwGrid g = sw_accumulate_check(out, pred, importance, weight, starts, counts, window_begin, DeviceType::CUDA);
   if (out.numel() == 0 || pred.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor imp = importance.has_value() && importance->defined() ? importance->contiguous() : at::Tensor();
+  const CudaDeviceScope scope(out);
+  const cudaStream_t stream = current_stream(out);
+  const std::optional<Tensor> imp =
+      importance.has_value() && importance->defined() ? std::optional<Tensor>(torch::stable::contiguous(*importance))
+                                                      : std::nullopt;
   const bool has_w = weight.has_value() && weight->defined();
-  const at::Tensor* w = has_w ? &*weight : nullptr;
-  if (out.scalar_type() == at::kDouble) accumulate_pred<double>(out, pred, imp, w, g, window_begin, softmax, stream);
+  const Tensor* w = has_w ? &*weight : nullptr;
+  if (out.scalar_type() == ScalarType::Double) accumulate_pred<double>(out, pred, imp, w, g, window_begin, softmax, stream);
   else accumulate_pred<float>(out, pred, imp, w, g, window_begin, softmax, stream);
 }
 
-TORCH_LIBRARY_IMPL(sslseg, CUDA, m) {
-  m.impl("sw_gather", &sw_gather_cuda);
-  m.impl("sw_accumulate_", &sw_accumulate_cuda);
-}
-
+}  // namespace
 }  // namespace sslseg
+
+STABLE_TORCH_LIBRARY_IMPL(sslseg, CUDA, m) {
+  m.impl("sw_gather", TORCH_BOX(&sslseg::sw_gather_cuda));
+  m.impl("sw_accumulate_", TORCH_BOX(&sslseg::sw_accumulate_cuda));
+}
