@@ -18,9 +18,9 @@ import sslseg
 ROOT = Path(sslseg.__file__).resolve().parent
 
 #: Rank of each top-level part of the package; a module may import only ranks <= its own.
-#: ``_C`` is the compiled extension; the package root files (``__init__``, ``__main__``) sit with the app.
+#: ``_C`` and ``_C_cuda`` are the compiled extension modules; the package root files (``__init__``, ``__main__``) sit with the app.
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("ops", "models", "data", "losses", "metrics", "utils", "_version", "_C"), 0),
+    **dict.fromkeys(("ops", "models", "data", "losses", "metrics", "utils", "_version", "_C", "_C_cuda"), 0),
     "inference": 1,
     "methods": 2,
     "engine": 3,
