@@ -31,7 +31,7 @@ with ``--jobs 2`` when nothing else runs, each run on one thread (see ESTIMATE b
     * Every other option is the method's and the engine's default (SSL4MIS's hyper-parameters;
       consistency weights ramp up over the whole run).
     * ``--scale F`` multiplies both step counts (and the time) by F, for a longer, closer to
-      converged table when more time is available; the default (1) is the README table.
+      converged table when more time is available; the default (1) is the table of docs/benchmark.md.
 
 These schedules are short and the runs are far from converged (single-run probes with this setup
 reached test Dice 0.37 on ACDC after 75 steps and 0.62 on LA after 50 steps), so the table shows
@@ -41,7 +41,7 @@ numbers are not comparable with published ACDC/LA results.
 Outputs: ``benches/results/methods/`` (the sweep: one run directory per cell, ``sweep.json``,
 ``report.md``, ``report.csv``, ``dice_vs_labeled.png``, ``overlays_*.png``), and
 ``benches/results/methods.md`` + ``methods.json`` + ``methods_dice_vs_labeled.png`` (the table
-and plot for the README with this protocol, the schedule and the command). Re-running continues an
+and plot of docs/benchmark.md with this protocol, the schedule and the command). Re-running continues an
 interrupted table (finished runs are skipped, killed runs resume); ``--report-only`` rebuilds the
 table from what has finished.
 
@@ -137,7 +137,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="sweep directory (default benches/results/methods[_smoke])")
     parser.add_argument("--report-only", action="store_true", help="aggregate what has finished; train nothing")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply the step counts (and the time) by this factor (default 1: the README table)")
+                        help="multiply the step counts (and the time) by this factor (default 1: the table of docs/benchmark.md)")
     args = parser.parse_args()
     if args.scale <= 0:
         parser.error(f"--scale must be > 0, got {args.scale}")
@@ -159,7 +159,7 @@ def main() -> int:
     meta = metadata(args.device)
     train_min = sum(r["train_seconds"] for r in result.runs) / 60
     out_dir = RESULTS if root.resolve().is_relative_to(RESULTS) else root.parent
-    # The sweep directory stays out of git; the plot the README shows is copied next to the table.
+    # The sweep directory stays out of git; the plot docs/benchmark.md shows is copied next to the table.
     sweep_plot = next((p for p in result.files if p.name == "dice_vs_labeled.png"), None)
     plot = None
     if sweep_plot is not None:

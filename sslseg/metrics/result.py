@@ -1,4 +1,4 @@
-"""Metric results, and the empty-mask policy of the evaluation protocol (DESIGN.md section 5).
+"""Metric results, and the empty-mask policy of the evaluation protocol (docs/guide/evaluation.md).
 
 A segmentation metric is undefined when the prediction or the ground truth is empty. sslseg never
 crashes and never silently returns 0 there: the case is scored by an explicit policy and counted.

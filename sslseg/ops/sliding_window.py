@@ -59,7 +59,8 @@ def sw_gather(
         starts: Concatenated per-dimension window starts (strictly increasing per dimension),
             in volume coordinates; may be negative or run past the end.
         counts: Number of starts per spatial dimension (each ``>= 1``).
-        window_begin, window_end: The window range, ``0 <= begin <= end <= B * prod(counts)``.
+        window_begin: First window of the range, ``0 <= window_begin <= window_end``.
+        window_end: One past the last window of the range, ``window_end <= B * prod(counts)``.
         pad_value: Value of window voxels outside the volume (constant padding).
         backend: ``"compiled"`` or ``"reference"`` for this call; None (default) follows
             :func:`sslseg.ops.backend`.
@@ -100,7 +101,9 @@ def sw_accumulate_(
             without self-overlap.
         pred: ``(N, C, *roi)`` window predictions, float16/bfloat16/float32/float64 (accumulated in
             ``out``'s dtype), same device as ``out``.
-        starts, counts: The window grid, in ``out`` coordinates (see the module docstring).
+        starts: Concatenated per-dimension window starts, in ``out`` coordinates (see the module
+            docstring).
+        counts: Number of starts per spatial dimension.
         window_begin: Grid index of ``pred[0]``; ``window_begin + N <= B * prod(counts)``.
         importance: ``(*roi)`` blending weights in ``out``'s dtype, or their separable form
             (:func:`separable_importance`: 1-D, ``sum(roi) + 1`` entries, computed on the fly), or
