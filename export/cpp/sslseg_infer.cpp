@@ -29,7 +29,6 @@
 // network-only export of such a model is refused with an error saying so.
 #include "mini_json.h"
 #include "npy.h"
-#include "ops/sliding_window.h"  // sslseg::sw_gather_cpu, sslseg::sw_accumulate_cpu (csrc/)
 
 #include <ATen/Parallel.h>
 #include <torch/nn/functional.h>
@@ -392,6 +391,26 @@ at::Tensor separable_importance(const std::vector<int64_t>& roi, double sigma_sc
   return at::cat(parts);
 }
 
+// sslseg's sliding-window kernels (csrc/ops/cpu/sliding_window.cpp, compiled in and registered
+// with the stable ABI), called through the dispatcher like torch.ops.sslseg.sw_gather in Python.
+at::Tensor sw_gather(const at::Tensor& volume, const std::vector<int64_t>& roi, const std::vector<int64_t>& starts,
+                     const std::vector<int64_t>& counts, int64_t begin, int64_t end) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("sslseg::sw_gather", "");
+  torch::jit::Stack stack{volume, roi, starts, counts, begin, end, 0.0};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// torch.ops.sslseg.sw_accumulate_ (in place on out).
+void sw_accumulate(const at::Tensor& out, const at::Tensor& pred, const std::optional<at::Tensor>& importance,
+                   const std::optional<at::Tensor>& weight, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& counts, int64_t begin, bool softmax) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("sslseg::sw_accumulate_", "");
+  torch::jit::Stack stack{out, pred, importance ? c10::IValue(*importance) : c10::IValue(),
+                          weight ? c10::IValue(*weight) : c10::IValue(), starts, counts, begin, softmax};
+  op.callBoxed(&stack);
+}
+
 // The (*roi) map the separable importance stands for (sslseg.ops.sliding_window.dense_importance).
 at::Tensor dense_importance(const at::Tensor& sep, const std::vector<int64_t>& roi) {
   std::vector<at::Tensor> f = at::split_with_sizes(sep.slice(0, 0, sep.size(0) - 1), roi);
@@ -419,13 +438,13 @@ at::Tensor sliding_window(torch::jit::script::Module& model, const at::Tensor& i
   std::vector<int64_t> w_shape{1, 1};
   w_shape.insert(w_shape.end(), spatial.begin(), spatial.end());
   at::Tensor weight_acc = at::empty(w_shape, at::TensorOptions().dtype(at::kFloat));
-  sslseg::sw_accumulate_cpu(weight_acc, dense.unsqueeze(0).unsqueeze(0).expand(expand_shape), std::nullopt,
-                            std::nullopt, g.starts, g.counts, 0, false);
+  sw_accumulate(weight_acc, dense.unsqueeze(0).unsqueeze(0).expand(expand_shape), std::nullopt, std::nullopt,
+                g.starts, g.counts, 0, false);
   const at::Tensor weight = weight_acc[0][0];
   at::Tensor out;
   for (int64_t begin = 0; begin < g.num_windows; begin += kWindowBatch) {
     const int64_t end = std::min(begin + kWindowBatch, g.num_windows);
-    const at::Tensor windows = sslseg::sw_gather_cpu(volume, meta.patch, g.starts, g.counts, begin, end, 0.0);
+    const at::Tensor windows = sw_gather(volume, meta.patch, g.starts, g.counts, begin, end);
     const at::Tensor pred = forward(model, windows, meta.num_classes);
     if (!out.defined()) {
       std::vector<int64_t> shape{1, pred.size(1)};
@@ -433,7 +452,7 @@ at::Tensor sliding_window(torch::jit::script::Module& model, const at::Tensor& i
       out = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
     }
     // softmax=true: each window's logits become probabilities inside the kernel before blending.
-    sslseg::sw_accumulate_cpu(out, pred, sep, weight, g.starts, g.counts, begin, /*softmax=*/true);
+    sw_accumulate(out, pred, sep, weight, g.starts, g.counts, begin, /*softmax=*/true);
   }
   return out[0];
 }
