@@ -60,6 +60,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     cls = get_method(args.method)
     base_engine, base_method = EngineConfig(), cls.Config()
     engine_over, method_over = parse_set(args.set or [], base_engine, base_method)
+    if args.quiet:
+        engine_over["quiet"] = True
     run = fit(
         args.method,
         args.data,
@@ -75,6 +77,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         engine_options=engine_over,
         **method_over,
     )
+    if args.quiet:
+        return 0
     best, last = run.metrics["best_val"], run.metrics["last"]
     print(f"run: {run.dir}")
     print(f"validation Dice (mean over foreground classes): best_val {best['dice']:.4f} at step {best['step']}, "
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file {engine: {...}, method: {...}} (e.g. a run's config.yaml)")
     p.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine or method option (repeatable)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing while training (history.jsonl and validation.jsonl are written all the same)")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("methods", help="list the methods with their options and defaults")
@@ -117,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Exit status: 0 on success; 2 for a user error (bad arguments or options, bad data such as a
+    label out of range or NaN pixels, missing files), with one line on stderr and no traceback;
+    1 for a training run whose loss became NaN/Inf (one line naming the step and the last good
+    checkpoint).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -125,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User errors get one clear line, not a traceback.
         print(f"sslseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        # sslseg.engine.loop.NonFiniteLossError (caught by its base class, so that the command line
+        # imports no torch before a command runs): not the user's input but the run itself failed.
+        print(f"sslseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

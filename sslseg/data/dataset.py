@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, DataValidationError, check_choice, did_you_mean
-from .layouts import LAYOUTS, Index, detect_layout, index_layout
+from .layouts import DEFAULT_CLASSES, LAYOUTS, Index, detect_layout, index_layout
 from .splits import Split, make_split
 from .storage import VolumeRecord
 
@@ -200,7 +200,11 @@ class CaseDataset:
     def num_classes(self) -> int:
         """Number of classes including background."""
         if self._num_classes is None:
-            if self.class_names is not None:
+            if self.class_names is not None and self.layout in DEFAULT_CLASSES:
+                # An SSL4MIS layout's class count is a default, not a fact of the files: a folder in
+                # the ACDC layout with 3 classes must not train (and score an empty class) as 4.
+                self._num_classes = self._check_default_classes()
+            elif self.class_names is not None:
                 self._num_classes = len(self.class_names)
             else:
                 # No dataset.json and no num_classes=: scan every label once, and say so.
@@ -218,6 +222,62 @@ class CaseDataset:
                 )
                 self.class_names = ("background",) + tuple(f"class{i}" for i in range(1, self._num_classes))
         return self._num_classes
+
+    def _check_default_classes(self) -> int:
+        """The layout's default class count, after checking it against the labels' largest value.
+
+        The largest label value of each volume is cached under ``<cache root>/label_max/`` keyed by
+        its files' paths, sizes and modification times, so the scan reads each file once.
+
+        A label value above the default (a corrupt file, or a dataset with more classes) is left
+        to the data checks (:meth:`validate`, run by ``fit``), which name the file and the value.
+
+        Raises:
+            DataError: The labels hold fewer classes than the layout's default (the missing ones
+                would be trained and scored as empty classes, Dice 1 in every mean).
+        """
+        import json
+
+        from .cache import atomic_write_text, cache_root, files_key, stable_hash
+        from .validate import _record_files
+
+        default = len(DEFAULT_CLASSES[self.layout])
+        store = cache_root() / "label_max" / f"{stable_hash([str(self.root or self.name)])}.json"
+        try:
+            known: dict[str, int] = json.loads(store.read_text()) if store.is_file() else {}
+        except (OSError, ValueError):
+            known = {}  # a damaged cache file costs one re-scan
+        top, changed = 0, False
+        for rec in self._raw_volumes.values():
+            files = _record_files(rec)
+            try:
+                key = files_key(files) if files else None
+            except OSError:
+                key = None  # a missing file: the read below names it
+            if key is not None and key in known:
+                top = max(top, int(known[key]))
+                continue
+            try:
+                _, lab = rec.read(with_label=True)
+            except (DataError, OSError, KeyError, ValueError):
+                continue  # an unreadable file: the data checks (validate) name it
+            value = int(lab.max()) if lab is not None and lab.size else 0
+            top = max(top, value)
+            if key is not None:
+                known[key], changed = value, True
+        if changed:
+            try:
+                atomic_write_text(store, json.dumps(known))
+            except OSError:
+                pass  # a read-only cache only costs the next run a re-scan
+        if top + 1 < default:
+            where = self.root or self.name
+            raise DataError(
+                f"{where}: the {self.layout} layout's default is {default} classes "
+                f"({', '.join(DEFAULT_CLASSES[self.layout])}), but the labels' largest value is {top} "
+                f"({top + 1} classes); give the count: num_classes={top + 1} "
+                f"(`--set num_classes={top + 1}`, or load(..., num_classes={top + 1}))")
+        return default
 
     @property
     def spacing(self) -> tuple[float, ...]:

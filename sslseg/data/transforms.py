@@ -127,6 +127,27 @@ def resize(
     return img.to(image.dtype), label
 
 
+def zoom_order0(
+    image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize as ``scipy.ndimage.zoom(order=0)`` does (SSL4MIS's resize of images and labels).
+
+    Output index ``i`` along an axis of input length ``n`` and output length ``m`` reads input
+    index ``round(i (n - 1) / (m - 1))`` (halves up): the corner pixels map onto each other,
+    unlike :func:`resize`'s ``nearest`` (pixel-centre) grid. Values are copied, never blended.
+    """
+    size = tuple(int(s) for s in size)
+    if len(size) != image.ndim - 1 or not all(s > 0 for s in size):
+        raise ValueError(f"size must be {image.ndim - 1} positive ints, got {size}")
+    idx = []
+    for n, m in zip(image.shape[1:], size):
+        scale = (n - 1) / (m - 1) if m > 1 else 0.0
+        idx.append(torch.floor(torch.arange(m, dtype=torch.float64) * scale + 0.5).long().clamp_(0, n - 1))
+    grid = torch.meshgrid(*idx, indexing="ij")
+    out = image[(slice(None), *grid)]
+    return out, (None if label is None else label[grid])
+
+
 def pad_to(
     image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,14 +202,20 @@ class Augment2D:
 
     With probability ``rot_flip_prob`` a random rot90 (k in 0..3) followed by a flip along one
     axis; otherwise a rotation by an angle in ``[-max_angle, max_angle]`` degrees. Then a resize to
-    ``patch_size``. SSL4MIS resamples images nearest-neighbour (``image_mode="nearest"``); the
-    default here is bilinear, which avoids blocky images; labels are nearest either way.
+    ``patch_size``. SSL4MIS resamples images nearest-neighbour; the default here is bilinear, which
+    avoids blocky images, with real-valued angles; labels are nearest either way.
+    :meth:`ssl4mis` (``exact_ssl4mis=True``, the engine's ``ssl4mis_aug``) resamples as SSL4MIS's
+    ``RandomGenerator``: integer angles ``randint(-max_angle, max_angle)`` (so -20..19), rotation
+    nearest-neighbour for image and label, and the resize of :func:`zoom_order0`
+    (``scipy.ndimage.zoom(order=0)``) for both.
 
     Args:
         patch_size: output ``(H, W)``.
         rot_flip_prob: probability of rot90+flip instead of a small rotation.
         max_angle: maximum absolute rotation angle in degrees (SSL4MIS: 20).
         image_mode: ``bilinear`` or ``nearest`` resampling for the image.
+        exact_ssl4mis: SSL4MIS's resampling (above); needs ``image_mode="nearest"`` and an
+            integer ``max_angle``.
     """
 
     def __init__(
@@ -198,8 +225,13 @@ class Augment2D:
         rot_flip_prob: float = 0.5,
         max_angle: float = 20.0,
         image_mode: str = "bilinear",
+        exact_ssl4mis: bool = False,
     ) -> None:
         self.patch_size = _patch(patch_size, 2)
+        if exact_ssl4mis and (image_mode != "nearest" or max_angle != int(max_angle)):
+            raise ValueError("exact_ssl4mis=True resamples images nearest-neighbour with integer angles: it needs "
+                             f"image_mode='nearest' and an integer max_angle, got {image_mode!r} and {max_angle}")
+        self.exact_ssl4mis = bool(exact_ssl4mis)
         if not 0 <= rot_flip_prob <= 1:
             raise ValueError(f"rot_flip_prob must be in [0, 1], got {rot_flip_prob}")
         if max_angle < 0:
@@ -207,6 +239,11 @@ class Augment2D:
         self.rot_flip_prob = float(rot_flip_prob)
         self.max_angle = float(max_angle)
         self.image_mode = check_choice("image_mode", image_mode, IMAGE_MODES)
+
+    @classmethod
+    def ssl4mis(cls, patch_size: Sequence[int] | int) -> Augment2D:
+        """SSL4MIS's ``RandomGenerator`` resampling: nearest images, integer angles, order-0 zoom."""
+        return cls(patch_size, rot_flip_prob=0.5, max_angle=20, image_mode="nearest", exact_ssl4mis=True)
 
     def __call__(
         self,
@@ -224,10 +261,16 @@ class Augment2D:
             if spacing is not None and k % 2:
                 spacing = (spacing[1], spacing[0])
         else:
-            angle = uniform(generator, -self.max_angle, self.max_angle)
+            if self.exact_ssl4mis:  # np.random.randint(-20, 20): an integer in [-20, 20)
+                angle = float(randint(generator, -int(self.max_angle), int(self.max_angle)))
+            else:
+                angle = uniform(generator, -self.max_angle, self.max_angle)
             image, label = rotate2d(image, label, angle, image_mode=self.image_mode)
         in_size = image.shape[1:]
-        image, label = resize(image, label, self.patch_size, image_mode=self.image_mode)
+        if self.exact_ssl4mis:
+            image, label = zoom_order0(image, label, self.patch_size)
+        else:
+            image, label = resize(image, label, self.patch_size, image_mode=self.image_mode)
         if spacing is not None:
             spacing = tuple(float(sp) * i / o for sp, i, o in zip(spacing, in_size, self.patch_size))
         return image, label, spacing
@@ -235,7 +278,7 @@ class Augment2D:
     def __repr__(self) -> str:
         return (
             f"Augment2D(patch_size={self.patch_size}, rot_flip_prob={self.rot_flip_prob}, "
-            f"max_angle={self.max_angle}, image_mode={self.image_mode!r})"
+            f"max_angle={self.max_angle}, image_mode={self.image_mode!r}, exact_ssl4mis={self.exact_ssl4mis})"
         )
 
 

@@ -6,17 +6,24 @@ then per file: empty or unreadable files, missing h5 keys, image/label shape mis
 outside ``[0, num_classes)`` or not integer-valued, NaN/Inf images, slices that disagree with their
 volume, NIfTI label grids that disagree with the image grid. Nothing is skipped silently: unused
 files and classes never seen are reported as warnings.
+
+:func:`check_cases` runs the same per-file checks on the volumes a training run uses, before its
+first step, and remembers each volume's verdict in the cache (keyed by the files' paths, sizes and
+modification times), so a second run on unchanged files reads nothing.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import DataValidationError
+from .cache import atomic_write_text, cache_root, files_key, stable_hash
+from .errors import DataError, DataValidationError
 from .storage import IMAGE_KEY, LABEL_KEY, H5Volume, MemoryVolume, NiftiVolume
 
 if TYPE_CHECKING:
@@ -200,6 +207,95 @@ def _check_nifti_volume(ck: _Checker, rec: NiftiVolume) -> None:
                    "beyond 1e-3")
 
 
+def _check_record(ck: _Checker, rec: object) -> None:
+    """Every per-file check of one volume record (its files, or its arrays for in-memory data)."""
+    if isinstance(rec, H5Volume):
+        _check_h5_volume(ck, rec)
+    elif isinstance(rec, NiftiVolume):
+        _check_nifti_volume(ck, rec)
+    elif isinstance(rec, MemoryVolume):
+        ck.report.files_checked += 1
+        ck.arrays(rec.location, np.asarray(rec.image), rec.label, 3)
+
+
+def _record_files(rec: object) -> list[Path]:
+    """The files a record reads (empty for in-memory volumes, which are never cached)."""
+    if isinstance(rec, H5Volume):
+        return ([rec.path] if rec.path is not None else []) + list(rec.slices.values())
+    if isinstance(rec, NiftiVolume):
+        return list(rec.image_paths) + ([rec.label_path] if rec.label_path is not None else [])
+    return []
+
+
+#: Bump when the checks change, so verdicts cached by an older version are not trusted.
+_CHECKS_VERSION = 1
+
+
+def check_cases(dataset: CaseDataset, cases: Iterable[str], *, cache: bool = True) -> int:
+    """Check the files of ``cases`` as stored (before any preprocessing) and refuse bad data.
+
+    The checks are those of :func:`validate_dataset` (unreadable or empty files, missing h5 keys,
+    image/label shape mismatches, labels outside ``[0, num_classes)``, NaN/Inf images, slices that
+    disagree with their volume), per volume. With ``cache``, each volume's verdict is stored under
+    ``<cache root>/checked/`` keyed by its files' paths, sizes and modification times and the class
+    count, so unchanged files are not read again; in-memory (synthetic) volumes are always checked.
+
+    Args:
+        dataset: The dataset the cases belong to.
+        cases: Case ids (e.g. a split's labeled, unlabeled and validation cases).
+        cache: Reuse and store verdicts in the cache.
+
+    Returns:
+        The number of files read (0 when every verdict came from the cache).
+
+    Raises:
+        DataError: One line naming the first bad file and its problem, and how many more were found.
+    """
+    num_classes = dataset.num_classes
+    ids = [vid for case in dict.fromkeys(cases) for vid in dataset.volumes_of(case)]
+    store = cache_root() / "checked" / f"{stable_hash([str(dataset.root or dataset.name), num_classes])}.json"
+    verdicts: dict[str, list[list[str]]] = {}
+    if cache and store.is_file():
+        try:
+            verdicts = json.loads(store.read_text())
+        except (OSError, ValueError):
+            verdicts = {}  # a damaged cache file costs one re-check, nothing else
+    problems: list[tuple[str, str]] = []
+    files_read, changed = 0, False
+    for vid in ids:
+        rec = dataset.raw_record(vid)
+        files = _record_files(rec)
+        key = None
+        if cache and files:
+            try:
+                key = stable_hash([files_key(files), num_classes, _CHECKS_VERSION], 32)
+            except OSError:
+                key = None  # a missing file: the check below names it
+        if key is not None and key in verdicts:
+            problems.extend((str(p), str(m)) for p, m in verdicts[key])
+            continue
+        ck = _Checker(num_classes)
+        _check_record(ck, rec)
+        files_read += ck.report.files_checked
+        problems.extend(ck.report.problems)
+        if key is not None:
+            verdicts[key] = [list(pm) for pm in ck.report.problems]
+            changed = True
+    if cache and changed:
+        try:
+            atomic_write_text(store, json.dumps(verdicts))
+        except OSError:
+            pass  # a read-only cache only costs the next run a re-check
+    if problems:
+        path, msg = problems[0]
+        more = len(problems) - 1
+        where = dataset.root or dataset.name
+        tail = (f" (and {more} more problem(s); `sslseg data check {where}` lists them all)" if more
+                else "")
+        raise DataError(f"{path}: {msg}{tail}")
+    return files_read
+
+
 def validate_dataset(dataset: CaseDataset, *, raise_on_error: bool = True) -> ValidationReport:
     """Check every file of ``dataset`` once; see the module docstring for the checks."""
     index = dataset._index
@@ -210,13 +306,7 @@ def validate_dataset(dataset: CaseDataset, *, raise_on_error: bool = True) -> Va
     ck.report.problems.extend(index.problems)
     ck.report.warnings.extend(index.warnings)
     for rec in dataset._raw_volumes.values():
-        if isinstance(rec, H5Volume):
-            _check_h5_volume(ck, rec)
-        elif isinstance(rec, NiftiVolume):
-            _check_nifti_volume(ck, rec)
-        elif isinstance(rec, MemoryVolume):
-            ck.report.files_checked += 1
-            ck.arrays(rec.location, np.asarray(rec.image), rec.label, 3)
+        _check_record(ck, rec)
     unlabeled = [v for v, r in dataset._raw_volumes.items() if getattr(r, "label_path", 0) is None]
     ck.report.labeled = len(dataset._raw_volumes) - len(unlabeled)
     ck.report.unlabeled = len(unlabeled)

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["EngineConfig", "apply_overrides", "config_to_dict", "load_yaml", "parse_set", "update_dataclass"]
+__all__ = ["EngineConfig", "apply_overrides", "config_to_dict", "load_yaml", "parse_set", "resolve_method_options",
+           "update_dataclass"]
 
 
 @dataclass
@@ -33,15 +34,28 @@ class EngineConfig:
         seed: Seeds the split, the networks, the batches and the augmentations.
         split_order: ``random`` (seeded, by case) or ``ssl4mis`` (first N cases, the legacy order).
         fold / folds: k-fold cross-validation by case (``fold=None``: the dataset's own split).
-        patch_size: Training patch; None: the dataset's in-plane size (2D, at most 256) or 64^3
-            (3D, at most the volume), rounded down to a multiple the network accepts.
+        patch_size: Training patch; None: the data plan's patch (planned NIfTI folders), else the
+            first training volume's in-plane size capped at 256 (2D; e.g. 80x80 for
+            ``synthetic:acdc``) or its shape capped at 96 per axis (3D), rounded down to a
+            multiple of 16 and then to a size every network of the method accepts.
         batch_size: Samples per batch (labeled + unlabeled); None: 24 in 2D, 4 in 3D (SSL4MIS).
-        labeled_bs: Labeled samples per batch; None: half the batch.
+        labeled_bs: Labeled samples per batch; None: half the batch. A method that trains on
+            labeled data only (``supervised``) labels the whole batch, as SSL4MIS's supervised
+            scripts do, so that one sweep's options fit every method; the start header prints
+            the batch as it is (``batch 24 labeled + 0 unlabeled``).
         base_lr / momentum / weight_decay / poly_power: SGD with poly decay
             ``lr(t) = base_lr (1 - t/T)^power`` (applied before step t).
-        consistency: Maximum consistency weight ``lambda``.
+        consistency: Weight ``lambda`` of the method's unlabeled (consistency) loss; None: the
+            method's own ``consistency`` option. It sets that option: for a method that ramps its
+            weight (``SSLMethod.consistency_mode`` ``"ramp"``: mean_teacher, cps, ...) it is the
+            maximum of the ramp-up; for one with a constant weight (``"constant"``: fixmatch
+            unless ``rampup=True``) the weight of every step. A method with no such weight (bcp,
+            unimatch, supervised: their weights are their own options) refuses it, naming the
+            option and the method, and so does setting it to a value other than an explicit
+            ``method.consistency``.
         consistency_rampup: Ramp length in steps (sigmoid); None: the whole run (SSL4MIS's
-            defaults, 150 x 200 = 30000 = its iterations, also ramp over the whole run).
+            defaults, 150 x 200 = 30000 = its iterations, also ramp over the whole run). Only for
+            methods whose weight ramps (``consistency_mode`` ``"ramp"``); refused otherwise.
         val_every: Validate (and checkpoint) every N steps, and at the end.
         val_cases: Validate on at most this many validation cases (None: all).
         log_every: Sync and record logged values every N steps (no per-step host syncs).
@@ -51,7 +65,11 @@ class EngineConfig:
         num_workers: DataLoader workers.
         device: ``cpu``, ``cuda``, ``cuda:1``...; None: CUDA if available, else CPU. Under
             torchrun each process uses ``cuda:<LOCAL_RANK>`` (or the CPU with ``cpu``).
-        progress: Show a progress bar (loss, lr, consistency weight, it/s, ETA).
+        progress: Show a progress bar (loss, lr, consistency weight, it/s, ETA) on a terminal.
+            Off a terminal (stdout redirected or piped), one plain line per logging window is
+            printed instead.
+        quiet: Print nothing: no start header, progress bar, log or validation lines (the run's
+            files, ``history.jsonl`` and ``validation.jsonl`` included, are written all the same).
         sync_bn: Under DDP, convert BatchNorm layers to ``SyncBatchNorm`` so that batch statistics
             are those of the global batch (CUDA only, as torch's SyncBatchNorm); ignored in one
             process.
@@ -65,6 +83,13 @@ class EngineConfig:
             layouts and phantoms are read as stored either way.
         plan: Plan fields to override (``{"patch_size": [64, 128, 128]}``; on the command line
             ``--set plan.patch_size=[64,128,128]``).
+        ssl4mis_aug: 2D only: resample as SSL4MIS's ``RandomGenerator`` does (nearest-neighbour
+            images, integer rotation angles in ``[-20, 20)``, order-0 zoom to the patch:
+            :meth:`sslseg.data.Augment2D.ssl4mis`) instead of bilinear images and real angles; for
+            comparisons with SSL4MIS. Validation resizes slices the same way.
+        num_classes: Classes including background, for datasets whose layout has a default
+            count (SSL4MIS's ACDC layout: 4); None: the layout's count, checked against the
+            labels (scanned once, cached), a mismatch being an error that says to set this.
     """
 
     data: str = "synthetic:acdc"
@@ -94,11 +119,14 @@ class EngineConfig:
     num_workers: int = 0
     device: str | None = None
     progress: bool = True
+    quiet: bool = False
     sync_bn: bool = False
     tensorboard: bool | None = None
     image_every: int | None = None
     use_plan: bool = True
     plan: dict[str, Any] = field(default_factory=dict)
+    ssl4mis_aug: bool = False
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,8 +140,13 @@ class EngineConfig:
             ("labeled_bs", self.labeled_bs is None or (isinstance(self.labeled_bs, int) and self.labeled_bs > 0), "None or an int > 0"),
             ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
             ("sync_bn", isinstance(self.sync_bn, bool), "a bool"),
+            ("quiet", isinstance(self.quiet, bool), "a bool"),
             ("use_plan", isinstance(self.use_plan, bool), "a bool"),
             ("plan", isinstance(self.plan, dict), "a dict of plan fields"),
+            ("ssl4mis_aug", isinstance(self.ssl4mis_aug, bool), "a bool"),
+            ("num_classes", self.num_classes is None or (isinstance(self.num_classes, int)
+                                                         and not isinstance(self.num_classes, bool)
+                                                         and self.num_classes >= 2), "None or an int >= 2"),
             ("tensorboard", self.tensorboard is None or isinstance(self.tensorboard, bool), "None or a bool"),
             ("image_every", self.image_every is None or (isinstance(self.image_every, int)
                                                          and not isinstance(self.image_every, bool)
@@ -214,3 +247,40 @@ def apply_overrides(engine: EngineConfig, method_config: Any, engine_values: Map
     """Both configs with their overrides applied (unknown keys are a ``TypeError``)."""
     return (update_dataclass(engine, engine_values, where=f"{where} (engine)"),
             update_dataclass(method_config, method_values, where=f"{where} (method)"))
+
+
+def resolve_method_options(engine: EngineConfig, method_cls: Any, method_config: Any) -> Any:
+    """The method config with the engine's weight options routed into it, or an error naming them.
+
+    No engine option vanishes for a method that ignores it: ``consistency`` sets the method's
+    ``consistency`` option where its :meth:`~sslseg.methods.SSLMethod.consistency_mode` is
+    ``"ramp"`` or ``"constant"``; ``consistency_rampup`` needs ``"ramp"``. Anything else is a ``ValueError`` naming the option
+    and the method.
+
+    Args:
+        engine: The run's engine options.
+        method_cls: The method class (``sslseg.methods.get_method(name)``).
+        method_config: Its config (an instance of ``method_cls.Config``).
+
+    Returns:
+        ``method_config``, with ``consistency`` replaced by the engine's when that is set.
+    """
+    name = method_cls.name
+    mode = method_cls.consistency_mode(method_config)
+    if engine.consistency is not None:
+        if mode is None:
+            raise ValueError(
+                f"consistency={engine.consistency!r}: method {name!r} has no consistency weight, so the option would "
+                f"change nothing (its own options: {method_cls.describe() or 'none'}); remove it")
+        default = method_cls.Config().consistency
+        if method_config.consistency not in (default, engine.consistency):
+            raise ValueError(
+                f"consistency={engine.consistency!r} (engine) and method.consistency={method_config.consistency!r} "
+                f"disagree for method {name!r}; set one of them")
+        method_config = dataclasses.replace(method_config, consistency=float(engine.consistency))
+    if engine.consistency_rampup is not None and mode != "ramp":
+        why = ("its weight is constant (set rampup=true to ramp it)" if mode == "constant"
+               else "it has no consistency weight")
+        raise ValueError(f"consistency_rampup={engine.consistency_rampup!r}: method {name!r} does not ramp a "
+                         f"consistency weight: {why}; remove the option")
+    return method_config

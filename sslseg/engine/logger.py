@@ -1,4 +1,11 @@
-"""What a run records besides checkpoints: ``history.jsonl``, TensorBoard scalars and overlays, ``progress.png``.
+"""What a run records besides checkpoints and what it prints.
+
+Files: ``history.jsonl`` (one row per logging window), ``validation.jsonl`` (one record per
+validation, appended and flushed when it happens), TensorBoard scalars and overlays, ``progress.png``.
+
+Console (stdout, unless ``quiet``): a start header and one line per validation everywhere; off a
+terminal (a batch job, ``nohup``, a pipe, a notebook's captured output), where no progress bar is
+drawn, also one plain line per logging window.
 
 Only rank 0 of a distributed run writes (the engine builds the logger with ``enabled=False`` on
 the other ranks). Values arrive already synchronised to the host once per logging window; nothing
@@ -7,9 +14,12 @@ here touches the device in the training hot loop.
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
+import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RunLogger", "label_overlay", "middle_slice_prediction", "plot_progress", "use_tensorboard"]
+__all__ = ["RunLogger", "format_duration", "format_train_line", "format_validation_line", "label_overlay", "middle_slice_prediction", "plot_progress", "use_tensorboard"]
 
 #: Overlay colours of classes 1, 2, ... (RGB in [0, 1]); class 0 (background) is not coloured.
 CLASS_COLOURS = torch.tensor([
@@ -109,6 +119,54 @@ def plot_progress(run_dir: Path, history: Sequence[Mapping[str, Any]], validatio
     os.replace(tmp, Path(run_dir) / "progress.png")
 
 
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (``D days, H:MM:SS`` beyond a day); ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _number(value: float) -> str:
+    return f"{value:.3e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4) else f"{value:.4f}"
+
+
+def format_train_line(row: Mapping[str, Any], total: int) -> str:
+    """One logging window: ``step 40/3000 | loss 0.41 loss_sup 0.39 ... | lr 9.9e-03 | lambda 0.002 | 5.1 it/s | ETA 0:09:40``.
+
+    Args:
+        row: A ``history.jsonl`` row (``step``, ``lr``, ``consistency_weight``, ``it_per_s`` and the
+            method's logged terms, ``loss`` first).
+        total: The run's number of steps (for the percentage and the ETA).
+    """
+    step, rate = int(row["step"]), float(row.get("it_per_s", float("nan")))
+    fixed = ("step", "lr", "consistency_weight", "it_per_s")
+    terms = " ".join(f"{k} {_number(float(v))}" for k, v in row.items()
+                     if k not in fixed and isinstance(v, (int, float)) and not isinstance(v, bool))
+    eta = (total - step) / rate if rate > 0 else float("nan")
+    return (f"step {step}/{total} ({100 * step / total:.0f}%) | {terms} | lr {row['lr']:.2e} | "
+            f"lambda {row.get('consistency_weight', 0.0):.4f} | {rate:.2f} it/s | ETA {format_duration(eta)}")
+
+
+def format_validation_line(record: Mapping[str, Any], total: int, class_names: Sequence[str] = ()) -> str:
+    """One validation: ``val step 200/3000 | Dice 0.8123 (RV 0.79, Myo 0.77, LV 0.88) | HD95 4.12 | best 0.8123 @ 200``.
+
+    Args:
+        record: A ``validation.jsonl`` record (``step``, ``dice``, ``dice_per_class``, optional
+            ``hd95``, ``best_dice`` and ``best_step``).
+        total: The run's number of steps.
+        class_names: Class names, background first (default ``class<c>``).
+    """
+    per = record.get("dice_per_class") or []
+    names = [class_names[i + 1] if i + 1 < len(class_names) else f"class{i + 1}" for i in range(len(per))]
+    parts = [f"val step {int(record['step'])}/{total}",
+             f"Dice {record['dice']:.4f} ({', '.join(f'{n} {d:.4f}' for n, d in zip(names, per))})"]
+    if isinstance(record.get("hd95"), (int, float)):
+        parts.append(f"HD95 {record['hd95']:.2f}")
+    if "best_dice" in record:
+        parts.append(f"best {record['best_dice']:.4f} @ step {record['best_step']}")
+    return " | ".join(parts)
+
+
 class RunLogger:
     """``history.jsonl`` rows and TensorBoard events of one run (a no-op where ``enabled`` is False).
 
@@ -119,13 +177,25 @@ class RunLogger:
         purge_step: On resume, the first step the resumed run logs: TensorBoard drops events at or
             after it that a killed run wrote after its last checkpoint.
         class_names: Names for the per-class validation tags (default ``class<c>``).
+        total: The run's number of steps (progress and ETA of the console lines).
+        quiet: Print nothing (the files are written all the same).
+        plain: Print one line per logging window; default: when stdout is not a terminal.
+
+    Attributes:
+        bar: The progress bar the loop draws, if any: console lines go through ``bar.write`` so
+            that they do not tear it.
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, purge_step: int | None = None,
-                 class_names: Sequence[str] = ()) -> None:
+                 class_names: Sequence[str] = (), total: int = 0, quiet: bool = False,
+                 plain: bool | None = None) -> None:
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.class_names = list(class_names)
+        self.total = int(total)
+        self.console = enabled and not quiet
+        self.plain = self.console and (not _isatty(sys.stdout) if plain is None else bool(plain))
+        self.bar: Any = None
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -136,20 +206,43 @@ class RunLogger:
     def history_path(self) -> Path:
         return self.dir / "history.jsonl"
 
-    def start(self, history: Sequence[Mapping[str, Any]]) -> None:
-        """Rewrite ``history.jsonl`` from the checkpoint's history (rows a killed run logged after it are dropped)."""
+    @property
+    def validation_path(self) -> Path:
+        return self.dir / "validation.jsonl"
+
+    def start(self, history: Sequence[Mapping[str, Any]], validations: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Rewrite ``history.jsonl`` and ``validation.jsonl`` from the checkpoint's records (rows a
+        killed run logged after it are dropped)."""
         if not self.enabled:
             return
-        tmp = self.dir / ".history.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, self.history_path)
+        for path, rows in ((self.history_path, history), (self.validation_path, validations)):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            os.replace(tmp, path)
+
+    def echo(self, text: str) -> None:
+        """Print one console line (stdout, flushed; nothing when quiet or not rank 0)."""
+        if not self.console:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def header(self, lines: Sequence[str]) -> None:
+        """The start header: what is trained on what, where (see :meth:`Trainer._header_lines`)."""
+        for line in lines:
+            self.echo(line)
 
     def log_train(self, row: Mapping[str, Any]) -> None:
-        """Append a logging-window row (``step`` plus scalars) to the history and TensorBoard (``train/<key>``)."""
+        """Append a logging-window row (``step`` plus scalars) to the history and TensorBoard (``train/<key>``);
+        off a terminal, print it as one line."""
         if not self.enabled:
             return
         with open(self.history_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.plain:
+            self.echo(format_train_line(row, self.total))
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -159,8 +252,25 @@ class RunLogger:
         # Per-class lists cover the foreground classes 1..K-1.
         return self.class_names[i + 1] if i + 1 < len(self.class_names) else f"class{i + 1}"
 
-    def log_validation(self, result: Mapping[str, Any], step: int) -> None:
-        """Validation scalars as ``val/<metric>`` and ``val/<metric>/<class>`` (per-class lists)."""
+    def log_validation(self, result: Mapping[str, Any], step: int, best: Mapping[str, Any] | None = None) -> None:
+        """Append the validation record to ``validation.jsonl`` (flushed now, so a running or killed
+        run shows it), print its line, and write ``val/<metric>`` and ``val/<metric>/<class>`` scalars.
+
+        Args:
+            result: The validation result (``dice``, ``dice_per_class``, other metrics, ``cases``).
+            step: The step it was taken after.
+            best: The best validation so far, this one included (``dice``, ``step``).
+        """
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v for k, v in result.items() if k != "step"}}
+        if best is not None:
+            record["best_dice"], record["best_step"] = best["dice"], best["step"]
+        with open(self.validation_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.echo(format_validation_line(record, self.total, self.class_names))
         if self.writer is None:
             return
         for key, value in result.items():
@@ -183,6 +293,14 @@ class RunLogger:
         self.writer.flush()
 
     def close(self) -> None:
+        self.bar = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream: not a terminal
+        return False

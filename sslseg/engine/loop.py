@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from sslseg._version import __version__
 from sslseg.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from sslseg.engine.config import EngineConfig, config_to_dict, load_yaml, update_dataclass
+from sslseg.engine.config import EngineConfig, config_to_dict, load_yaml, resolve_method_options, update_dataclass
 from sslseg.engine.distributed import cleanup, init_distributed
 from sslseg.engine.logger import RunLogger, middle_slice_prediction, plot_progress, use_tensorboard
 from sslseg.engine.run import MODEL_FILES, MODEL_FORMAT, Run
@@ -40,13 +40,26 @@ from sslseg.methods.base import NetworkSpec, SSLMethod, StepContext, get_method
 from sslseg.utils import distributed as dist
 from sslseg.utils.schedules import consistency_weight, poly_lr, sigmoid_rampup
 
-__all__ = ["Trainer", "fit"]
+__all__ = ["NonFiniteLossError", "Trainer", "fit"]
 
 _LAST, _BEST = "last.pt", MODEL_FILES["best_val"]
 _PLAN = "plan.json"
 #: Salt of the per-rank seeds (rank r > 0 of a distributed run reseeds its global RNGs after the
 #: networks are built, so dropout and noise differ across ranks; rank 0 keeps the run seed's stream).
 _RANK_SEED_KEY = 0x5EED
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step and the last good checkpoint.
+
+    Attributes:
+        step: The first step (1-based, as in ``history.jsonl``) whose loss was not finite.
+        checkpoint: The last checkpoint written before it (``last.pt``), or None if none was.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -267,6 +280,8 @@ class Trainer:
         if not isinstance(engine, EngineConfig):
             raise TypeError(f"Trainer: engine must be an EngineConfig, got {type(engine).__name__}")
         mcfg = cls.Config() if method_config is None else method_config  # the method checks its type
+        if isinstance(mcfg, cls.Config):  # engine options the method ignores are refused before any work
+            mcfg = resolve_method_options(engine, cls, mcfg)
         self.cls, self.eng, self.mcfg, self.resume = cls, engine, mcfg, resume
         self.dist, self.device = init_distributed(engine.device)
         # Deterministic mode is process-global in torch: remember the caller's setting and
@@ -296,15 +311,22 @@ class Trainer:
         if eng.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.dataset = sslseg.data.load(eng.data)
+        self.dataset = sslseg.data.load(eng.data, num_classes=eng.num_classes)
         self._prepare_data(out_dir)
         self.dim = self.dataset.dim
+        if eng.ssl4mis_aug and self.dim != 2:
+            raise ValueError(f"ssl4mis_aug=True is SSL4MIS's 2D resampling; {eng.data} is {self.dim}D data")
         labeled = _labeled_value(eng.labeled)
         if self.resume:
             self.split = sslseg.data.Split.load(Path(out_dir) / "split.json")
         else:
             self.split = self.dataset.split(labeled=labeled, seed=eng.seed, order=eng.split_order,
                                             fold=eng.fold, folds=eng.folds)
+        # Refuse bad data before the first step, not after hours of training on it: every file of
+        # the training and validation cases, as stored, checked once (cached by path, size, mtime).
+        from sslseg.data.validate import check_cases
+
+        check_cases(self.dataset, (*self.split.labeled_cases, *self.split.unlabeled_cases, *self.split.val_cases))
         model_name = eng.model or cls.default_model.get(self.dim) or ("unet" if self.dim == 2 else "unet_3d")
         plan = self.dataset.plan
         patch = eng.patch_size or (list(plan.patch_size) if plan is not None else _default_patch(self.dataset, self.dim))
@@ -357,11 +379,15 @@ class Trainer:
         self.loader = sslseg.data.make_train_loader(
             self.dataset, self.split, patch_size=self.patch, labeled_bs=lbs // world, unlabeled_bs=ubs // world,
             seed=eng.seed, num_workers=eng.num_workers, strong_aug=self.method.strong_augment(), strong_views=cls.strong_views,
+            augment=sslseg.data.Augment2D.ssl4mis(self.patch) if eng.ssl4mis_aug else None,
             pin_memory=self.device.type == "cuda", distributed=(world, rank) if self.dist.enabled else False,
             use_plan=eng.use_plan,
         )
         self.rampup_length = float(eng.consistency_rampup if eng.consistency_rampup is not None else eng.iterations)
-        self.consistency = eng.consistency if eng.consistency is not None else getattr(mcfg, "consistency", 0.1)
+        # The engine's consistency was routed into the method's option (resolve_method_options); a
+        # method without a weight logs 0, one with a constant weight logs that weight.
+        self.consistency_mode = cls.consistency_mode(mcfg)
+        self.consistency = float(mcfg.consistency) if self.consistency_mode else 0.0
         if out_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             tag = "".join(ch if ch.isalnum() else "_" for ch in str(eng.data).replace("synthetic:", ""))
@@ -523,7 +549,8 @@ class Trainer:
     def _context(self, step: int, ramp: float) -> StepContext:
         return StepContext(
             step=step, iterations=self.eng.iterations,
-            consistency_weight=consistency_weight(step, self.consistency, self.rampup_length), rampup=ramp,
+            consistency_weight=(consistency_weight(step, self.consistency, self.rampup_length)
+                                if self.consistency_mode == "ramp" else self.consistency), rampup=ramp,
             device=self.device, autocast=self._autocast, backward=self._backward, optimizer_step=self._optimizer_step,
             rank=self.dist.rank, world_size=self.dist.world_size, all_reduce_mean=dist.all_reduce_mean,
             all_reduce_gradients=dist.all_reduce_gradients, all_gather_object=dist.all_gather_object,
@@ -540,21 +567,28 @@ class Trainer:
         self._write_config()
         self.logger = RunLogger(self.dir, enabled=self.dist.is_main, tensorboard=self.tensorboard,
                                 purge_step=self.start_step + 1 if self.resume else None,
-                                class_names=self.dataset.class_names or ())
-        self.logger.start(self.history)
+                                class_names=self.dataset.class_names or (), total=eng.iterations, quiet=eng.quiet)
+        self.logger.start(self.history, self.validations)
         val_volumes = list(self.split.val_cases)[: eng.val_cases] if eng.val_cases else list(self.split.val_cases)
+        self.logger.header(self._header_lines(val_volumes))
+        self._last_checkpoint_step = self.start_step if self.resume else None
         batches = self.loader.forever(start_step=self.start_step)
         sums: dict[str, Tensor] = {}
         count = 0
         t_window = time.perf_counter()
+        # The first step whose loss was not finite, kept on the device (no per-step host sync):
+        # read at each log window and before each checkpoint, so no NaN weights are ever saved.
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         bar = None
-        if eng.progress and self.dist.is_main:
+        if eng.progress and self.logger.console and not self.logger.plain:
             from tqdm.auto import tqdm
 
-            # disable=None: a bar on a terminal, nothing in logs (history.jsonl has the values).
-            # tqdm itself shows it/s and the ETA; the postfix adds loss, lr and lambda(t).
+            # disable=None: a bar where stderr is a terminal. Off a terminal the logger prints a
+            # plain line per log window instead (tqdm itself shows it/s and the ETA; the postfix
+            # adds loss, lr and lambda(t)).
             bar = tqdm(total=eng.iterations, initial=self.start_step, desc=self.cls.name, dynamic_ncols=True,
                        leave=False, disable=None)
+            self.logger.bar = bar
         for step in range(self.start_step, eng.iterations):
             lr = poly_lr(eng.base_lr, step, eng.iterations, eng.poly_power)
             for group in self.optimizer.param_groups:
@@ -576,6 +610,7 @@ class Trainer:
             self.method.after_step(ctx)
             if self.sync_buffers:
                 dist.average_tensors(self.sync_buffers)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()).all(), step + 1, first_bad)
             # Accumulate on device; synced once per log window.
             logged = {"loss": loss.detach(), **{k: v.detach() for k, v in logs.items()}}
             for k, v in logged.items():
@@ -591,7 +626,7 @@ class Trainer:
                        **dict(zip(keys, values)),
                        "it_per_s": count / max(time.perf_counter() - t_window, 1e-9)}
                 if not all(math.isfinite(v) for v in values):
-                    raise FloatingPointError(f"{self.cls.name}: non-finite loss at step {step + 1}: {row}")
+                    raise self._non_finite(int(first_bad.item()), step + 1, row, count)
                 self.history.append(row)
                 self.logger.log_train(row)
                 if bar is not None:
@@ -601,13 +636,60 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             validating = (step + 1) % eng.val_every == 0 or last_step
+            t_pause = time.perf_counter()
             if validating:
+                # One sync per validation, reduced over the ranks so that all of them stop together.
+                if float(dist.all_reduce_mean((first_bad >= 0).float())) > 0:
+                    raise self._non_finite(int(first_bad.item()), step + 1, None)
                 self._validate_and_checkpoint(step + 1, val_volumes)
             if (validating if eng.image_every is None else (step + 1) % eng.image_every == 0):
                 self._log_overlay(step + 1, val_volumes)
+            t_window += time.perf_counter() - t_pause  # it/s and the ETA count training steps only
         if bar is not None:
             bar.close()
         return self._finish()
+
+    def _header_lines(self, val_cases: Sequence[str]) -> list[str]:
+        """The start header: method, data and split, network, device, schedule, run directory."""
+        eng, split, ds = self.eng, self.split, self.dataset
+        val_volumes = sum(len(ds.volumes_of(c)) for c in val_cases)
+        n_eval = sum(p.numel() for p in self.method.eval_model().parameters())
+        n_trained = sum(p.numel() for p in self.method.trainable_parameters())
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        if self.dist.enabled:
+            device += f", {self.dist.world_size} processes"
+        start = f", resumed at step {self.start_step}" if self.start_step else ""
+        return [
+            f"sslseg {__version__} | {self.cls.name} on {eng.data} ({ds.layout}, {self.dim}D, {ds.num_classes} classes)",
+            f"split: {len(split.labeled_cases)} labeled / {len(split.unlabeled_cases)} unlabeled / "
+            f"{len(split.val_cases)} val / {len(split.test_cases)} test cases | batch {self.labeled_bs} labeled + "
+            f"{self.unlabeled_bs} unlabeled | patch {'x'.join(str(p) for p in self.patch)}",
+            f"network: {self.spec.model}, {n_eval:,} parameters (evaluated network), {n_trained:,} trained",
+            f"device: {device} | threads {torch.get_num_threads()} | AMP {eng.amp or 'off'}",
+            f"schedule: {eng.iterations} steps{start} | log every {eng.log_every} | validate every "
+            f"{eng.val_every} on {len(val_cases)} case(s) ({val_volumes} volumes) | run dir {self.dir}",
+        ]
+
+    def _non_finite(self, bad_step: int, window_end: int, row: dict[str, Any] | None,
+                    window: int = 1) -> NonFiniteLossError:
+        """The error for a NaN/Inf loss first seen at ``bad_step`` (-1: only a logged term of the
+        ``window`` steps ending at ``window_end`` was not finite)."""
+        step = bad_step if bad_step > 0 else window_end
+        terms = ""
+        if row is not None:
+            bad = [f"{k}={v}" for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+            terms = f" ({', '.join(bad)} over steps {window_end - window + 1}-{window_end})" if bad else ""
+        last = self._last_checkpoint_step
+        checkpoint = self.dir / _LAST if last is not None else None
+        where = (f"last good checkpoint: {checkpoint} (step {last}; continue with --resume {self.dir})"
+                 if checkpoint is not None else
+                 f"no checkpoint was written before it (the first is at step {self.eng.val_every})")
+        return NonFiniteLossError(
+            f"{self.cls.name}: the training loss is not finite at step {step} of {self.eng.iterations}{terms}; "
+            f"{where}. Try a lower base_lr, amp='bf16' instead of 'fp16', or check the data "
+            "(`sslseg data check`)", step, checkpoint)
 
     def _validate_and_checkpoint(self, next_step: int, val_cases: Sequence[str]) -> None:
         # Each rank validates its share of the cases; the merge is exact and identical on every
@@ -621,11 +703,12 @@ class Trainer:
         result = combine_validation(dist.all_gather_object(local))
         result["step"] = next_step
         self.validations.append(result)
-        self.logger.log_validation(result, next_step)
         improved = self.best is None or result["dice"] > self.best["dice"]
         if improved:
             self.best = dict(result)
+        self.logger.log_validation(result, next_step, self.best)
         state = self._state(next_step)  # every rank: gathers per-rank RNG states under DDP
+        self._last_checkpoint_step = next_step
         if not self.dist.is_main:
             return
         # last.pt first: if the run dies between the two writes, the resume rewrites best_val.pt.

@@ -235,6 +235,9 @@ class SSLMethod:
         paper: Citation of the method.
         default_model: Network per dimensionality when the user names none (e.g. DTC's
             ``vnet_sdf``, whose signed-distance head it needs).
+
+    How a method's unlabeled-loss weight meets the engine's ``consistency`` options is what
+    :meth:`consistency_mode` returns for its config (see that method).
     """
 
     name: ClassVar[str] = ""
@@ -302,6 +305,22 @@ class SSLMethod:
         from sslseg.models._registry import fit_input_size
 
         return fit_input_size(model, patch, model_options)
+
+    @classmethod
+    def consistency_mode(cls, config: MethodConfig) -> str | None:
+        """How this method weights its unlabeled loss, which decides the engine options it takes.
+
+        * ``"ramp"``: the loss is weighted by ``ctx.consistency_weight``, the sigmoid ramp-up of
+          the config's ``consistency`` over ``consistency_rampup`` steps; the engine's
+          ``consistency`` sets that option and ``consistency_rampup`` the ramp length;
+        * ``"constant"``: the config's ``consistency`` weights every step (FixMatch without
+          ramp-up); the engine's ``consistency`` sets it, ``consistency_rampup`` is refused;
+        * None: the method has no such weight (its weights are its own options, e.g. BCP's
+          ``u_weight``); the engine's ``consistency`` and ``consistency_rampup`` are refused.
+
+        Default: ``"ramp"`` when the config has a ``consistency`` field, else None.
+        """
+        return "ramp" if any(f.name == "consistency" for f in dataclasses.fields(config)) else None
 
     @staticmethod
     def make_teacher(student: nn.Module) -> nn.Module:

@@ -50,7 +50,9 @@ class CrossTeachingCNNTransformer(SSLMethod):
         transformer to need more iterations than in the paper;
       * the Swin-UNet is built for the training patch (SSL4MIS ignores its ``img_size`` and always
         uses 224); SSL4MIS trains with patch 224 and batch 16 (8 labeled), the engine defaults
-        to 256 / 24 (12): pass ``patch_size=[224, 224], batch_size=16, labeled_bs=8`` to match;
+        to the first volume's in-plane size (at most 256, rounded down to a multiple of 32 for the
+        Swin-UNet) and batch 24 (12): pass ``patch_size=[224, 224], batch_size=16, labeled_bs=8``
+        to match;
       * a single-channel image is embedded directly (SSL4MIS repeats it to 3 channels).
     """
 

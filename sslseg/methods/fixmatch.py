@@ -129,6 +129,11 @@ class FixMatch(SSLMethod):
     paper = ("Sohn et al., FixMatch: Simplifying Semi-Supervised Learning with Consistency and Confidence, "
              "NeurIPS 2020")
 
+    @classmethod
+    def consistency_mode(cls, config: MethodConfig) -> str | None:
+        """``"ramp"`` with ``rampup=True``, else ``"constant"`` (``consistency`` at every step)."""
+        return "ramp" if config.rampup else "constant"
+
     def build(self) -> None:
         cfg = self.config
         self.nets["student"] = self.create_network()

@@ -10,7 +10,11 @@ from sslseg.data import Batch
 from sslseg.losses.segmentation import supervised_loss, symmetric_kl_loss
 from sslseg.methods.base import MethodConfig, SSLMethod, StepContext, StepOutput, register_method, split_labeled
 
-__all__ = ["RDrop"]
+__all__ = ["KL_REDUCTIONS", "RDrop"]
+
+#: ``sum_classes``: KL summed over classes, mean over voxels (the paper's per-voxel KL);
+#: ``ssl4mis``: mean over every element, classes included (SSL4MIS's scale, ``1/C`` of it).
+KL_REDUCTIONS = ("sum_classes", "ssl4mis")
 
 
 @register_method("rdrop")
@@ -26,7 +30,12 @@ class RDrop(SSLMethod):
             + lambda(t) * 0.5 [KL(p2 || p1) + KL(p1 || p2)]
 
     with ``p_i = softmax(z_i)`` over the class axis, the KL summed over classes and averaged over
-    samples and voxels (:func:`sslseg.losses.segmentation.symmetric_kl_loss`). The KL covers every
+    samples and voxels (:func:`sslseg.losses.segmentation.symmetric_kl_loss`;
+    ``kl_reduction="sum_classes"``, the paper's KL per voxel). Scale: SSL4MIS's
+    ``compute_kl_loss`` takes a plain mean over every element, classes included, i.e. ``1/C``
+    of this term, so at the same ``consistency`` the default weighs the KL about ``C`` times more
+    (4x on ACDC); ``kl_reduction="ssl4mis"`` uses SSL4MIS's mean (still over the class axis'
+    softmax). The KL covers every
     sample of the batch, labeled and unlabeled (the paper regularises every training sample; it
     needs no label). ``lambda(t)`` ramps to ``consistency = 4.0`` (SSL4MIS's default; the paper's
     ``alpha``).
@@ -47,6 +56,11 @@ class RDrop(SSLMethod):
         consistency: float = 4.0
         two_networks: bool = False
         kl_labeled: bool = True
+        kl_reduction: str = "sum_classes"
+
+        def __post_init__(self) -> None:
+            if self.kl_reduction not in KL_REDUCTIONS:
+                raise ValueError(f"rdrop: kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
 
     log_keys = ("loss_sup", "loss_kl")
     paper = "Liang et al., R-Drop: Regularized Dropout for Neural Networks, NeurIPS 2021"
@@ -71,5 +85,7 @@ class RDrop(SSLMethod):
         y = batch.labeled_label
         loss_sup = supervised_loss(z1_l, y) + supervised_loss(z2_l, y)
         loss_kl = symmetric_kl_loss(z1, z2) if self.config.kl_labeled else symmetric_kl_loss(z1_u, z2_u)
+        if self.config.kl_reduction == "ssl4mis":
+            loss_kl = loss_kl / z1.shape[1]  # the mean over classes of the per-class terms summed above
         loss = loss_sup + ctx.consistency_weight * loss_kl
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_kl": loss_kl.detach()})

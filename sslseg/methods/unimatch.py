@@ -73,7 +73,9 @@ class UniMatch(SSLMethod):
     One network, no teacher. Per step, with ``x_w`` the weak (loader-augmented) unlabeled view
     and ``s1, s2`` two independent strong views (intensity jitter from the loader, then CutMix
     done here: with probability ``cutmix_prob`` a box covering 2-40% of the image, aspect ratio
-    0.3-3.3, is replaced by the same box of another unlabeled sample's strong view):
+    0.3-3.3, is replaced by the same box of another unlabeled sample's strong view; with a
+    single unlabeled sample per batch (per process) the partner is a labeled sample instead, its
+    weak view pasted with its ground truth as the target, so no sample is mixed with itself):
 
     1. ``f(cat(x_l, x_w))`` with the FP stream: the decoder also sees the encoder features
        perturbed by channel dropout (``fp_dropout`` 0.5), giving ``z_l, z_w`` and ``z_w^fp``;
@@ -88,7 +90,8 @@ class UniMatch(SSLMethod):
     No ramp-up and no consistency weight (the paper's weights are constant).
 
     Differences from the official code:
-      * CutMix partners are the other samples of the same unlabeled batch (rolled by one), and
+      * CutMix partners are the other samples of the same unlabeled batch (rolled by one; a labeled
+        sample when the batch holds one unlabeled sample), and
         their pseudo-labels come from the same weak pass; the official code draws a second
         unlabeled batch and predicts it in eval mode, one more forward per step;
       * the strong intensity transform (``strong_aug``) is by default sslseg's
@@ -141,10 +144,20 @@ class UniMatch(SSLMethod):
         n_u = batch.unlabeled_bs
         spatial = tuple(batch.unlabeled_image.shape[2:])
         device = batch.unlabeled_image.device
-        partner = (torch.arange(n_u, device=device) + 1) % n_u
+        # The partner of unlabeled sample i is unlabeled sample i+1; one unlabeled sample has none
+        # there (rolling would mix it with itself), so it takes labeled sample 0 and its label.
+        from_labeled = n_u == 1
+        if from_labeled and batch.labeled_bs == 0:
+            raise ValueError("unimatch: CutMix needs a partner for each unlabeled sample: another unlabeled sample or "
+                             "a labeled one; the batch holds 1 unlabeled and 0 labeled samples (raise batch_size, or "
+                             "set cutmix_prob=0)")
+        partner = torch.zeros(1, dtype=torch.long, device=device) if from_labeled else \
+            (torch.arange(n_u, device=device) + 1) % n_u
         box1, box2 = self._boxes(n_u, spatial, device), self._boxes(n_u, spatial, device)
-        s1 = mix_boxes(batch.unlabeled_strong, batch.unlabeled_strong[partner], box1)
-        s2 = mix_boxes(batch.unlabeled_strong2, batch.unlabeled_strong2[partner], box2)
+        p1 = batch.labeled_image[partner] if from_labeled else batch.unlabeled_strong[partner]
+        p2 = batch.labeled_image[partner] if from_labeled else batch.unlabeled_strong2[partner]
+        s1 = mix_boxes(batch.unlabeled_strong, p1, box1)
+        s2 = mix_boxes(batch.unlabeled_strong2, p2, box2)
 
         x = torch.cat([batch.labeled_image, batch.unlabeled_image])
         if cfg.feature_perturbation:
@@ -163,10 +176,15 @@ class UniMatch(SSLMethod):
         with torch.no_grad():
             conf, plab = torch.softmax(z_w.detach().float(), 1).max(1)
             mask = conf >= cfg.threshold
-            plab1 = torch.where(box1, plab[partner], plab)
-            plab2 = torch.where(box2, plab[partner], plab)
-            mask1 = torch.where(box1, mask[partner], mask)
-            mask2 = torch.where(box2, mask[partner], mask)
+            if from_labeled:  # a labeled partner's target is its ground truth, confident everywhere
+                plab_p = batch.labeled_label[partner].to(plab.dtype)
+                mask_p = torch.ones_like(mask)
+            else:
+                plab_p, mask_p = plab[partner], mask[partner]
+            plab1 = torch.where(box1, plab_p, plab)
+            plab2 = torch.where(box2, plab_p, plab)
+            mask1 = torch.where(box1, mask_p, mask)
+            mask2 = torch.where(box2, mask_p, mask)
 
         loss_sup = supervised_loss(z_l, batch.labeled_label)
         loss_s1 = pseudo_label_loss(z_s1, plab1, mask1, cfg.unsup_loss)

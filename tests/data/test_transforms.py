@@ -156,3 +156,53 @@ def test_transform_errors():
         Augment2D(8)(torch.zeros(1, 5, 5), torch.zeros(4, 4, dtype=torch.long), generator=_gen())
     with pytest.raises(ValueError, match="unknown augmentation op 'brightnes'; did you mean 'brightness'"):
         RandAugment(ops=["brightnes"])
+
+
+# ------------------------------------------------------------------ SSL4MIS-exact 2D resampling
+def test_zoom_order0_matches_scipy():
+    import numpy as np
+    from scipy import ndimage
+
+    from sslseg.data.transforms import zoom_order0
+
+    g = torch.Generator().manual_seed(0)
+    for (h, w), (oh, ow) in [((80, 72), (64, 64)), ((7, 13), (13, 5)), ((256, 216), (224, 224))]:
+        img = torch.rand(1, h, w, generator=g)
+        lab = torch.randint(0, 4, (h, w), generator=g)
+        out, lab_out = zoom_order0(img, lab, (oh, ow))
+        ref = ndimage.zoom(img[0].numpy(), (oh / h, ow / w), order=0)
+        ref_lab = ndimage.zoom(lab.numpy(), (oh / h, ow / w), order=0)
+        assert ref.shape == (oh, ow)
+        np.testing.assert_array_equal(out[0].numpy(), ref)  # copies of input values: exact
+        np.testing.assert_array_equal(lab_out.numpy(), ref_lab)
+
+
+def test_augment2d_ssl4mis_nearest_integer_angles(monkeypatch):
+    import sslseg.data.transforms as T
+
+    angles = []
+    real = T.rotate2d
+    monkeypatch.setattr(T, "rotate2d", lambda i, l, a, **kw: (angles.append((a, kw)), real(i, l, a, **kw))[1])
+    aug = T.Augment2D.ssl4mis((24, 24))
+    assert aug.image_mode == "nearest" and aug.exact_ssl4mis
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 50, (1, 30, 30), generator=g).float()
+    lab = torch.randint(0, 3, (30, 30), generator=g)
+    for _ in range(60):
+        out, lab_out, _ = aug(img, lab, generator=g)
+        assert out.shape == (1, 24, 24) and lab_out.shape == (24, 24)
+        assert set(out.unique().tolist()) <= set(img.unique().tolist()) | {0.0}  # nearest: no blended values
+    assert angles and all(a == int(a) and -20 <= a < 20 for a, _ in angles)
+    assert all(kw["image_mode"] == "nearest" for _, kw in angles)
+    # The default pipeline keeps real angles and bilinear images.
+    angles.clear()
+    for _ in range(20):
+        T.Augment2D((24, 24))(img, lab, generator=g)
+    assert any(a != int(a) for a, _ in angles)
+
+
+def test_augment2d_exact_ssl4mis_needs_nearest():
+    from sslseg.data.transforms import Augment2D
+
+    with pytest.raises(ValueError, match="exact_ssl4mis=True.*image_mode='nearest'"):
+        Augment2D((16, 16), exact_ssl4mis=True)

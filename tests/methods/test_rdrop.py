@@ -114,3 +114,27 @@ def test_two_networks_option():
     x = batch.images()
     z1, z2 = nets[0].conv(x).detach(), nets[1].conv(x).detach()
     assert out.logs["loss_kl"].item() == pytest.approx(_explicit_symmetric_kl(z1, z2).item(), rel=1e-5)
+
+
+def _ssl4mis_style_kl(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """SSL4MIS's compute_kl_loss reduction (plain mean over every element, classes included), with
+    the softmax over the class axis: 0.5 [mean(kl_div(log p1, p2)) + mean(kl_div(log p2, p1))]."""
+    a = torch.nn.functional.kl_div(z1.log_softmax(1), z2.softmax(1), reduction="none").mean()
+    b = torch.nn.functional.kl_div(z2.log_softmax(1), z1.softmax(1), reduction="none").mean()
+    return 0.5 * (a + b)
+
+
+def test_kl_reduction_ssl4mis_is_ssl4mis_scale():
+    method = _method(kl_reduction="ssl4mis")
+    batch = _batch()
+    net = method.nets["student"] = _TwoMasks(4, 5)
+    out = method.step(batch, _ctx())
+    z1, z2 = (z.detach() for z in net.passes(batch.images()))
+    assert out.logs["loss_kl"].item() == pytest.approx(_ssl4mis_style_kl(z1, z2).item(), rel=1e-5)
+    # The default is C (= 4) times that.
+    assert _explicit_symmetric_kl(z1, z2).item() == pytest.approx(4 * _ssl4mis_style_kl(z1, z2).item(), rel=1e-5)
+
+
+def test_kl_reduction_is_checked():
+    with pytest.raises(ValueError, match="kl_reduction must be one of"):
+        get_method("rdrop").Config(kl_reduction="mean")

@@ -140,3 +140,37 @@ def test_without_feature_perturbation():
     assert out.logs["loss_fp"].item() == 0.0 and out.logs["loss_strong"].item() > 0
     assert out.loss.item() == pytest.approx(
         0.5 * (out.logs["loss_sup"].item() + 0.5 * out.logs["loss_strong"].item()), rel=1e-6)
+
+
+def test_one_unlabeled_sample_takes_a_labeled_partner(monkeypatch):
+    # With one unlabeled sample, rolling the batch would mix it with itself: the partner is labeled
+    # sample 0, pasted with its ground truth (confident) as the target inside the box.
+    m = _method(2, threshold=1.0)  # nothing confident outside the boxes
+    batch = _batch(2, n_l=2, n_u=1)
+    box = torch.zeros(1, 32, 32, dtype=torch.bool)
+    box[0, :16] = True
+    m._boxes = lambda n, size, device: box
+    inputs, losses = [], []
+    m.nets["student"].register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+    real = um.pseudo_label_loss
+
+    def spy(logits, labels, mask, kind):
+        losses.append((labels, mask))
+        return real(logits, labels, mask, kind)
+
+    monkeypatch.setattr(um, "pseudo_label_loss", spy)
+    m.step(batch, _ctx())
+    s = torch.where(box.unsqueeze(1), batch.labeled_image[:1], batch.unlabeled_strong)
+    s2 = torch.where(box.unsqueeze(1), batch.labeled_image[:1], batch.unlabeled_strong2)
+    assert torch.equal(inputs[1], torch.cat([s, s2]))
+    assert not torch.equal(s, torch.where(box.unsqueeze(1), batch.unlabeled_strong, batch.unlabeled_strong))
+    (p1, m1), (p2, m2), _ = losses
+    for p, mk in ((p1, m1), (p2, m2)):
+        assert torch.equal(p[box], batch.labeled_label[0][box[0]])
+        assert torch.equal(mk, box)  # confident inside the box (ground truth) only
+
+
+def test_one_unlabeled_sample_and_no_labeled_one_is_refused():
+    m = _method(2)
+    with pytest.raises(ValueError, match="CutMix needs a partner.*1 unlabeled and 0 labeled"):
+        m.step(_batch(2, n_l=0, n_u=1), _ctx())
