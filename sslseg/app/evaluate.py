@@ -412,6 +412,7 @@ def evaluate(
 
     from sslseg._version import __version__
     from sslseg.data import load
+    from sslseg.data.validate import check_cases
     from sslseg.inference.predict import predict_volume
     from sslseg.inference.preprocessing import Preprocessing
     from sslseg.metrics import segmentation_metrics
@@ -436,6 +437,9 @@ def evaluate(
         raise ValueError(f"evaluate: the model takes {rec['in_channels']} input channel(s), dataset {ds.name!r} "
                          f"has {ds.in_channels}")
     case_ids, split_source = _resolve_cases(ds, split, cases, run_dir)
+    # Bad files (labels out of range, NaN/Inf images, shape mismatches) are refused before any case
+    # is scored, with the file named; verdicts are cached as for fit.
+    check_cases(ds, case_ids)
     split_name = split if cases is None else "cases"
     names = list(ds.class_names or rec.get("class_names") or [f"class{i}" for i in range(num_classes)])
     in_channels = rec.get("in_channels")

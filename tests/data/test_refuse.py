@@ -168,3 +168,26 @@ def test_in_memory_data_is_checked(monkeypatch):
     monkeypatch.setattr(rec, "label", label)
     with pytest.raises(DataError, match=rf"<memory:{vid}>: label values \[7\] outside \[0, 4\)"):
         check_cases(ds, [rec.case])
+
+
+def test_evaluate_refuses_a_bad_test_volume_before_scoring(acdc_root, tmp_path, monkeypatch):
+    import sslseg.inference.predict
+
+    run = sslseg.fit("supervised", str(acdc_root), labeled=2, iterations=1, out_dir=tmp_path / "run",
+                     engine_options=dict(batch_size=2, val_every=1, progress=False, tensorboard=False, quiet=True,
+                                         patch_size=[32, 32]))
+    ds = load(str(acdc_root))
+    test_cases = ds.load_split(run.dir / "split.json").test_cases
+    bad = Path(ds.raw_record(ds.volumes_of(test_cases[-1])[0]).path)
+
+    def nine(label):
+        label[0, 0, 0] = 9
+
+    _edit(bad, "label", nine)
+    predicted = []
+    original = sslseg.inference.predict.predict_volume
+    monkeypatch.setattr(sslseg.inference.predict, "predict_volume",
+                        lambda *a, **k: predicted.append(1) or original(*a, **k))
+    with pytest.raises(DataError, match=rf"{bad.name}: label values \[9\] outside \[0, 4\)"):
+        sslseg.evaluate(run.dir, split="test")
+    assert predicted == []  # refused before the first case was scored
