@@ -227,10 +227,11 @@ def test_nan_and_unreadable_volumes_are_named(h5_root):
     first = _test_volumes(ds)[0]
     with h5py.File(h5_root / "data" / f"{first}.h5", "a") as f:
         f["image"][0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match=rf"volume '{first}' \(.*{first}\.h5\) contains NaN"):
+    # Refused by the up-front check of the cases to score, which names the file.
+    with pytest.raises(DataError, match=rf"{first}\.h5: image has 1 NaN/Inf value"):
         evaluate(_Constant(4), ds, record=GEOMETRY_2D)
     (h5_root / "data" / f"{first}.h5").write_text("garbage")
-    with pytest.raises(DataError, match=rf"cannot read volume '{first}'.*{first}\.h5: unreadable h5 file"):
+    with pytest.raises(DataError, match=rf"{first}\.h5: .*(unreadable|not an HDF5)"):
         evaluate(_Constant(4), ds, record=GEOMETRY_2D)
 
 
