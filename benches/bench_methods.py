@@ -165,6 +165,8 @@ def main() -> int:
     if sweep_plot is not None:
         plot = f"{name}_dice_vs_labeled.png"
         shutil.copyfile(sweep_plot, out_dir / plot)
+    for forest in (p for p in result.files if p.name.startswith("forest_") and p.suffix == ".png"):
+        shutil.copyfile(forest, out_dir / f"{name}_{forest.name}")
     lines = [
         f"## Benchmark table{' (smoke test)' if args.smoke else ''}",
         "",
