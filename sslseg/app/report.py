@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "SweepReport", "case_scores", "paired_comparisons", "plot_forest", "register_cli", "report"]
+__all__ = ["METRICS", "SweepReport", "case_scores", "paired_comparisons", "plot_forest", "register_cli", "report",
+           "runs_with_weights"]
 
 METRICS = ("dice", "hd95", "asd", "jaccard")
 _PAIRED_COLUMNS = ["paired_vs", "paired_delta", "paired_low", "paired_high", "paired_n", "paired_unmatched",
@@ -620,6 +621,20 @@ def plot_overlays(runs: Sequence[Mapping[str, Any]], data: str, path: Path, *, d
         plt.close(fig)
 
 
+def runs_with_weights(runs: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str]:
+    """The runs whose directory holds the weights the overlays predict with (``best_val.pt``), and a
+    note naming the data whose runs have none (result records without weights, such as those of
+    ``benches/bench_methods.py``; ``""`` when every run has its weights). Overlays of those runs are
+    skipped; the tables do not need weights."""
+    kept = [r for r in runs if (Path(r["dir"]) / "best_val.pt").is_file()]
+    without = list(dict.fromkeys(r["data"] for r in runs if not (Path(r["dir"]) / "best_val.pt").is_file()))
+    if not without:
+        return kept, ""
+    count = len(runs) - len(kept)
+    return kept, (f"overlays skipped for {count} run(s) without weights (no best_val.pt: result records) of "
+                  f"{', '.join(without)}")
+
+
 # ---------------------------------------------------------------------------------------------- API
 def _write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -640,7 +655,8 @@ def report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
         out: Where to write (default ``sweep_dir``).
         plots: Write ``forest_<data>_<labeled>.png`` and ``dice_vs_labeled.png`` (needs
             matplotlib; skipped with a note otherwise).
-        overlays: Also write ``overlays_<data>.png`` (predicts one test volume per method).
+        overlays: Also write ``overlays_<data>.png`` (predicts one test volume per method). Runs
+            without weights (result records, no ``best_val.pt``) are left out of them, with a note.
         device: Device for the overlay predictions.
         verbose: Print notes (skipped plots, missing runs) and the written paths.
         paired_vs: The reference method of the paired statistics (default ``supervised``); None
@@ -711,8 +727,13 @@ def report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
             if path is not None:
                 result.files.append(path)
             if overlays:
+                weighted, note = runs_with_weights(runs)
+                if note and verbose:
+                    print(f"report: {note}")
                 for data in dict.fromkeys(r["data"] for r in rows):
-                    written = plot_overlays(runs, data, target / f"overlays_{data_tag(data)}.png", device=device)
+                    if not any(r["data"] == data for r in weighted):
+                        continue
+                    written = plot_overlays(weighted, data, target / f"overlays_{data_tag(data)}.png", device=device)
                     if written is not None:
                         result.files.append(written)
     if verbose and missing:
