@@ -17,6 +17,11 @@ geometry (the label map always has the input's shape):
   (voxel for voxel, ``uint8`` labels, ``int16`` beyond 256 classes); nnU-Net channel files
   ``case_0000.nii.gz``, ``case_0001.nii.gz``, ... are gathered from the first one and written as
   ``case.nii.gz``. Probabilities go to ``<name>_probs.nii.gz`` (``(x, y, z, K)`` float32).
+* NRRD and MetaImage (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``; read and written through SimpleITK,
+  ``pip install 'sslseg[itk]'``): the label map is written in the input's format with its size,
+  spacing, origin and direction (channel files gathered as for NIfTI); probabilities go to
+  ``<name>_probs<ext>`` as a ``K``-component vector image. Detached headers (``.mhd``, ``.nhdr``)
+  are written with their data file beside them, the header last.
 * h5 (SSL4MIS layout, dataset ``image``): ``<name>.h5`` with ``label`` (and ``probabilities``).
 * numpy (``.npy``, ``(D, H, W)`` or ``(C, D, H, W)``): ``<name>.npy`` labels, ``<name>_probs.npy``.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +43,9 @@ import numpy as np
 __all__ = ["INPUT_EXTENSIONS", "infer", "register_cli"]
 
 #: File types :func:`infer` reads (and writes back).
-INPUT_EXTENSIONS = (".nii.gz", ".nii", ".h5", ".npy")
+INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".h5", ".npy")
+#: File types read and written through SimpleITK (the ``[itk]`` extra).
+_ITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
 # A 3D input whose spacing differs from training by more than this (relative, per axis) is flagged:
 # sslseg does not resample, and a network sees anatomy at the wrong scale.
 _SPACING_TOLERANCE = 0.25
@@ -51,9 +59,9 @@ class _Case:
     """One volume to segment: its output name, format and the file(s) holding it."""
 
     name: str
-    kind: str  # "nifti" | "h5" | "npy"
+    kind: str  # "nifti" | "itk" | "h5" | "npy"
     paths: list[Path]
-    suffix: str  # the input's extension, reused for the output (".nii.gz", ".nii", ".h5", ".npy")
+    suffix: str  # the input's extension, reused for the output (".nii.gz", ".nii", ".mha", ".h5", ".npy", ...)
 
 
 def _split_name(path: Path) -> tuple[str, str] | None:
@@ -101,8 +109,8 @@ def _collect_cases(inputs: Sequence[Path], in_channels: int) -> list[_Case]:
         if f.resolve() in gathered:
             continue
         stem, ext = _split_name(f)
-        kind = "nifti" if ext.startswith(".nii") else ext[1:]
-        m = CHANNEL_RE.match(stem) if kind == "nifti" else None
+        kind = "nifti" if ext.startswith(".nii") else "itk" if ext in _ITK_EXTENSIONS else ext[1:]
+        m = CHANNEL_RE.match(stem) if kind in ("nifti", "itk") else None
         if m is not None and int(m.group("ch")) == 0:
             if in_channels > 1:
                 paths = _channel_files(f, m.group("case"), ext, in_channels)
@@ -111,7 +119,7 @@ def _collect_cases(inputs: Sequence[Path], in_channels: int) -> list[_Case]:
                 continue
             sibling = f.with_name(f"{m.group('case')}_0001{ext}")
             if not sibling.is_file() and sibling.resolve() not in listed:
-                # nnU-Net's single-channel naming: case_0000.nii.gz -> case.nii.gz
+                # nnU-Net's single-channel naming: case_0000.nii.gz -> case.nii.gz (case_0000.mha -> case.mha)
                 cases.append(_Case(m.group("case"), kind, [f], ext))
                 continue
         cases.append(_Case(stem, kind, [f], ext))
@@ -119,16 +127,18 @@ def _collect_cases(inputs: Sequence[Path], in_channels: int) -> list[_Case]:
 
 
 def _read_case(case: _Case) -> tuple[np.ndarray, tuple[float, ...] | None, Any]:
-    """``(image (C, D, H, W) float32, spacing or None, NIfTI reference image or None)``."""
+    """``(image (C, D, H, W) float32, spacing or None, reference or None)``: the reference is the
+    nibabel image of a NIfTI input, the :class:`~sslseg.data.storage.ItkImageFile` of an NRRD or
+    MetaImage input (the geometry its outputs are written with)."""
     from sslseg.data.errors import DataError
-    from sslseg.data.storage import H5Volume, NiftiVolume, open_nifti
+    from sslseg.data.storage import H5Volume, NiftiVolume, open_image
 
     where = str(case.paths[0])
     try:
-        if case.kind == "nifti":
+        if case.kind in ("nifti", "itk"):
             vol = NiftiVolume(id=case.name, case=case.name, image_paths=list(case.paths), intensity="none")
             image, _ = vol.read(with_label=False)
-            return image, vol.stored_spacing(), open_nifti(case.paths[0])
+            return image, vol.stored_spacing(), open_image(case.paths[0])
         if case.kind == "h5":
             vol = H5Volume(id=case.name, case=case.name, path=case.paths[0])
             image, _ = vol.read(with_label=False)
@@ -227,7 +237,7 @@ def _model_device(model):
 def _label_dtype(num_classes: int, kind: str):
     if num_classes <= 256:
         return np.uint8
-    return np.int16 if kind == "nifti" else np.int64
+    return np.int16 if kind in ("nifti", "itk") else np.int64
 
 
 def _atomic(path: Path, write) -> Path:
@@ -243,11 +253,26 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
+def _atomic_detached(path: Path, write) -> Path:
+    """:func:`_atomic` for a detached header (``case.mhd`` + ``case.raw``, ``case.nhdr`` +
+    ``case.raw.gz``): written under their final names in a temporary folder next to ``path``, then
+    renamed into place data file first, header last, so a header never points at missing voxels."""
+    tmp_dir = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp_dir.mkdir()
+    try:
+        write(tmp_dir / path.name)
+        for q in sorted(tmp_dir.iterdir(), key=lambda q: q.name == path.name):
+            os.replace(q, path.parent / q.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
 def _outputs(case: _Case, out: Path, probabilities: bool) -> list[Path]:
     labels = out / f"{case.name}{case.suffix}"
     if case.kind == "h5" or not probabilities:
         return [labels]
-    probs_suffix = ".nii.gz" if case.kind == "nifti" else case.suffix
+    probs_suffix = ".nii.gz" if case.kind == "nifti" else case.suffix  # NRRD/MetaImage: vector images
     return [labels, out / f"{case.name}_probs{probs_suffix}"]
 
 
@@ -262,6 +287,11 @@ def _write_case(case: _Case, paths: list[Path], labels: np.ndarray, probs: np.nd
         if probs is not None:
             grid = spatial if len(spatial) == 3 else (*spatial, 1)
             _atomic(paths[1], lambda tmp: _save_nifti(tmp, zyx_to_nifti(probs.astype(np.float32), grid), reference))
+    elif case.kind == "itk":
+        save = _atomic_detached if case.suffix in (".mhd", ".nhdr") else _atomic
+        save(paths[0], lambda tmp: _save_itk(tmp, lab, reference))
+        if probs is not None:
+            save(paths[1], lambda tmp: _save_itk(tmp, probs.astype(np.float32), reference))
     elif case.kind == "h5":
         import h5py
 
@@ -290,6 +320,31 @@ def _save_nifti(path: Path, data: np.ndarray, reference: Any) -> None:
     image.to_filename(str(path))
 
 
+def _save_itk(path: Path, data: np.ndarray, reference: Any) -> None:
+    """Write ``(z, y, x)`` labels or ``(K, z, y, x)`` probabilities (a ``K``-component image) with
+    the size, spacing, origin and direction of ``reference`` (an ``ItkImageFile``), through SimpleITK,
+    which picks the format from ``path``'s extension."""
+    from sslseg.data.storage import import_sitk
+
+    sitk = import_sitk(path)
+    vector = data.ndim == 4
+    array = np.ascontiguousarray(data.transpose(1, 2, 3, 0) if vector else data)
+    n = reference.ndim
+    if n == 2:
+        array = array[0]  # a 2D input was read as one slice
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    # The reference's grid, restricted to the spatial axes written (a 4D input's 4th axis holds its channels).
+    m = min(n, 3)
+    image.SetSpacing(reference.spacing_xyz[:m])
+    image.SetOrigin(reference.origin_xyz[:m])
+    image.SetDirection(np.asarray(reference.direction).reshape(n, n)[:m, :m].ravel().tolist())
+    expected = tuple(reference.shape[:m])
+    if tuple(image.GetSize()) != expected:
+        raise ValueError(f"infer: {path.name}: predicted grid {tuple(image.GetSize())} (x, y, z) differs from the "
+                         f"input grid {expected}")
+    sitk.WriteImage(image, str(path), True)
+
+
 # ---- the public function ----------------------------------------------------------------------------------
 
 
@@ -314,7 +369,7 @@ def infer(
             (e.g. ``run.model``); any other module needs ``record``.
         inputs: A volume (tensor or numpy array, ``(C, D, H, W)`` or ``(D, H, W)``, raw
             intensities), or files: a path, a list of paths, or a directory (every
-            ``.nii``/``.nii.gz``/``.h5``/``.npy`` in it).
+            ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``/``.mha``/``.mhd``/``.h5``/``.npy`` in it).
         out: Output directory, required for files (created if missing).
         probabilities: Also return / write the class probabilities ``(K, D, H, W)``.
         tta: Flip test-time augmentation (see :func:`~sslseg.inference.predict_volume`).
@@ -443,9 +498,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def register_cli(subparsers) -> None:
     """Add ``sslseg infer MODEL INPUT... --out DIR``."""
     p = subparsers.add_parser(
-        "infer", help="segment NIfTI / h5 / npy files with a trained model",
+        "infer", help="segment NIfTI / NRRD / MetaImage / h5 / npy files with a trained model",
         description="Segment volumes with a trained model (a run directory or best_val.pt). Inputs are files or "
-                    "directories (.nii, .nii.gz, .h5, .npy); outputs keep each input's format and geometry.")
+                    "directories (.nii, .nii.gz, .h5, .npy; .nrrd, .nhdr, .mha, .mhd with pip install 'sslseg[itk]'); "
+                    "outputs keep each input's format and geometry.")
     p.add_argument("model", help="run directory or model file (best_val.pt)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files or directories")
     p.add_argument("--out", required=True, help="output directory")

@@ -29,7 +29,7 @@ import numpy as np
 
 from .cache import cache_root, files_key, save_json, stable_hash
 from .errors import DataError
-from .storage import H5Volume, NiftiVolume, VolumeRecord
+from .storage import H5Volume, NiftiVolume, VolumeRecord, image_files
 
 if TYPE_CHECKING:
     from .dataset import CaseDataset
@@ -42,7 +42,8 @@ AFFINE_TOLERANCE = 1e-3
 def record_files(rec: VolumeRecord) -> list[Path]:
     """The files a volume is read from (empty for in-memory volumes)."""
     if isinstance(rec, NiftiVolume):
-        return [Path(p) for p in rec.image_paths] + ([Path(rec.label_path)] if rec.label_path is not None else [])
+        paths = list(rec.image_paths) + ([rec.label_path] if rec.label_path is not None else [])
+        return [f for p in paths for f in image_files(p)]  # a .mhd/.nhdr header and its data file
     if isinstance(rec, H5Volume):
         return ([rec.path] if rec.path is not None else []) + [Path(p) for p in rec.slices.values()]
     return []
@@ -92,14 +93,14 @@ def read_raw(rec: VolumeRecord, num_classes: int | None = None, *, with_label: b
     """
     with_label = with_label and has_label(rec)
     if isinstance(rec, NiftiVolume):
-        from .storage import open_nifti
+        from .storage import open_image
 
-        heads = [open_nifti(p) for p in rec.image_paths]
+        heads = [open_image(p) for p in rec.image_paths]  # NIfTI or NRRD/MetaImage, affines alike (RAS)
         ref = heads[0]
         for h, p in zip(heads[1:], rec.image_paths[1:]):
             _check_grid(Path(p), Path(rec.image_paths[0]), h.shape[:3], ref.shape[:3], h.affine, ref.affine, "channel")
         if with_label:
-            lab = open_nifti(rec.label_path)
+            lab = open_image(rec.label_path)
             _check_grid(Path(rec.label_path), Path(rec.image_paths[0]), lab.shape[:3], ref.shape[:3], lab.affine, ref.affine, "label")
         rec = dataclasses.replace(rec, intensity="none")
     image, label = rec.read(with_label=with_label)

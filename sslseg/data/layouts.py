@@ -1,5 +1,8 @@
 """Readers for the on-disk layouts: SSL4MIS ACDC, SSL4MIS BraTS2019, UA-MT LA, NIfTI folders.
 
+NIfTI folders (nnU-Net raw / MSD) may also hold NRRD or MetaImage files (``.nrrd``, ``.nhdr``,
+``.mha``, ``.mhd``, ``dataset.json``'s ``file_ending``), read through SimpleITK.
+
 Each ``index_<layout>(root)`` walks the folder once, without reading voxels, and returns an
 :class:`Index`: the volume records, the official split lists (as case ids) and every structural
 problem found (list entries naming missing files, overlapping lists, ...). Voxel-level checks
@@ -14,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .storage import H5Volume, NiftiVolume, VolumeRecord
+from .storage import IMAGE_EXTENSIONS, H5Volume, NiftiVolume, VolumeRecord, image_extension
 
 LAYOUTS = ("acdc", "brats", "la", "nifti")
 
@@ -22,7 +25,10 @@ _SLICE_RE = re.compile(r"^(?P<vol>.+)_slice_(?P<k>\d+)$")
 _FRAME_RE = re.compile(r"^(?P<case>.+?)_frame\d+$")
 #: nnU-Net channel files: ``<case>_<4-digit channel>`` (``case_0000.nii.gz``).
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
-_NIFTI_EXT = (".nii.gz", ".nii")
+_NIFTI_EXT = IMAGE_EXTENSIONS
+# Detached headers: their voxels are in a data file beside them (``case.mhd`` + ``case.raw``,
+# ``case.nhdr`` + ``case.raw.gz``), which is not a stray file.
+_DETACHED_HEADERS = (".mhd", ".nhdr")
 
 # Facts of the SSL4MIS datasets (used when num_classes is not given).
 DEFAULT_CLASSES = {
@@ -222,24 +228,30 @@ def index_la(root: Path) -> Index:
 
 # --------------------------------------------------------------------------------------------- NIfTI
 def _nifti_stem(path: Path) -> str | None:
-    for ext in _NIFTI_EXT:
-        if path.name.endswith(ext):
-            return path.name[: -len(ext)]
-    return None
+    ext = image_extension(path)
+    return path.name[: -len(ext)] if ext is not None else None
 
 
 def _nifti_files(folder: Path, index: Index) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if not folder.is_dir():
         return out
-    for p in sorted(folder.iterdir()):
+    entries = sorted(folder.iterdir())
+    detached = {p.name[: -len(ext)] for p in entries for ext in _DETACHED_HEADERS if p.name.lower().endswith(ext)}
+    for p in entries:
         if p.name.startswith("._"):  # macOS resource forks ship inside MSD tarballs
             index.warnings.append((str(p), "macOS '._' metadata file ignored"))
             continue
         stem = _nifti_stem(p)
         if stem is None:
+            if any(p.name.startswith(h + ".") for h in detached):
+                continue  # the voxels of a .mhd/.nhdr header beside it
             if p.is_file() and not p.name.startswith("."):
-                index.warnings.append((str(p), "not a .nii/.nii.gz file; ignored"))
+                index.warnings.append((str(p), f"not an image file ({'/'.join(IMAGE_EXTENSIONS)}); ignored"))
+            continue
+        if stem in out:
+            index.problems.append((str(p), f"case file {stem!r} exists twice, as {out[stem].name} and {p.name} "
+                                   "(keep one format per case)"))
             continue
         out[stem] = p
     return out
@@ -320,7 +332,7 @@ def index_nifti(root: Path, intensity: str = "zscore") -> Index:
         labels = _nifti_files(root / lab_dir, index) if lab_dir else {}
         if not images:
             if group == "train":
-                index.problems.append((str(root / img_dir), "no .nii/.nii.gz images found"))
+                index.problems.append((str(root / img_dir), f"no images found (expected {'/'.join(IMAGE_EXTENSIONS)} files)"))
             continue
         groups = _group_channels(images, labels, root / img_dir, index)
         if group == "test" and not labels:
@@ -335,7 +347,8 @@ def index_nifti(root: Path, intensity: str = "zscore") -> Index:
                 index.problems.append((str(paths[0]), f"case {vid!r} appears in both {img_dir} and another images folder"))
                 continue
             if label is None and group == "test":
-                index.problems.append((str(paths[0]), f"test image of case {vid!r} has no label {root / lab_dir / (vid + '.nii.gz')} "
+                ending = image_extension(paths[0]) or ".nii.gz"
+                index.problems.append((str(paths[0]), f"test image of case {vid!r} has no label {root / lab_dir / (vid + ending)} "
                                        f"(labelsTs exists, so every imagesTs case needs one)"))
                 continue
             # ACDC-style names (patient001_frame01) group the frames of a patient into one case.
@@ -384,7 +397,8 @@ def _check_dataset_json(root: Path, index: Index, labeled: int, unlabeled: int) 
     elif isinstance(ending, str):
         other = [rec.image_paths[0] for rec in index.volumes.values() if not str(rec.image_paths[0]).endswith(ending)]
         if other:
-            index.problems.append((str(path), f"file_ending is {ending!r} but {other[0]} (and {len(other) - 1} more) end differently"))
+            index.problems.append((str(path), f"file_ending {ending!r} does not match the files: {other[0]} "
+                                   f"(and {len(other) - 1} more) end differently"))
     n = meta.get("numTraining")
     if isinstance(n, int) and not isinstance(n, bool) and n not in (labeled, labeled + unlabeled):
         index.problems.append((str(path), f"numTraining is {n} but imagesTr/labelsTr hold {labeled} labeled image(s)"

@@ -9,6 +9,9 @@ rest of the data layer never branches on the file format. Array conventions, eve
 * NIfTI arrays are transposed from nibabel's ``(x, y, z)`` to ``(z, y, x)`` (SimpleITK's order, the
   order SSL4MIS wrote its h5 files in), and the affine is permuted to match, so
   ``affine @ (d, h, w, 1)`` is the scanner position of voxel ``[d, h, w]`` of the returned array.
+* NRRD and MetaImage files (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) are read through SimpleITK
+  (the optional ``[itk]`` extra, imported only when such a file is met) into the same arrays,
+  spacing order and affine convention as NIfTI files (see :class:`ItkImageFile`).
 """
 
 from __future__ import annotations
@@ -253,6 +256,197 @@ def normalize_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     return out
 
 
+#: Files read by nibabel (the default reader).
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+#: Files read by SimpleITK (``pip install 'sslseg[itk]'``); ``.nhdr``/``.mhd`` are detached headers
+#: whose voxels live in a data file beside them.
+ITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
+#: Every image file type the data layer reads.
+IMAGE_EXTENSIONS = NIFTI_EXTENSIONS + ITK_EXTENSIONS
+
+# ITK's physical space is LPS (x grows to the patient's left, y to the posterior), NIfTI's as
+# nibabel reports it is RAS. sslseg keeps every affine in nibabel's RAS convention, so an ITK
+# affine is flipped on its first two rows; image/label checks and the affines stored with
+# preprocessed cases then compare alike whatever the format.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def image_extension(path: str | os.PathLike) -> str | None:
+    """The extension of ``path`` among :data:`IMAGE_EXTENSIONS` (``.nii.gz`` whole), else None."""
+    name = Path(path).name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if name.endswith(ext) and len(name) > len(ext):
+            return ext
+    return None
+
+
+def is_itk_file(path: str | os.PathLike) -> bool:
+    """True for the file types read through SimpleITK (:data:`ITK_EXTENSIONS`)."""
+    return image_extension(path) in ITK_EXTENSIONS
+
+
+def _detached_data_file(header: Path) -> Path | None:
+    """The data file a ``.mhd``/``.nhdr`` header names (``ElementDataFile = case.raw``,
+    ``data file: case.raw.gz``), when it is one existing file; None otherwise (voxels in the
+    header's own file, file lists and patterns, unreadable headers)."""
+    mhd = header.name.lower().endswith(".mhd")
+    try:
+        with open(header, "rb") as f:
+            text = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, sep, value = line.partition("=" if mhd else ":")
+        if sep and name.strip().lower().replace(" ", "") == ("elementdatafile" if mhd else "datafile"):
+            value = value.strip()
+            if not value or value.upper() in ("LOCAL", "LIST") or "%" in value or " " in value:
+                return None
+            data = header.parent / value
+            return data if data.is_file() else None
+    return None
+
+
+def image_files(path: str | os.PathLike) -> list[Path]:
+    """Every file an image is read from: ``path``, plus the data file of a detached header
+    (``.mhd``, ``.nhdr``), so that cache keys change when either changes."""
+    path = Path(path)
+    if image_extension(path) in (".mhd", ".nhdr"):
+        data = _detached_data_file(path)
+        if data is not None:
+            return [path, data]
+    return [path]
+
+
+class MissingReaderError(DataError, ImportError):
+    """An image file needs an optional reader that is not installed (SimpleITK)."""
+
+
+def import_sitk(path: str | os.PathLike):
+    """The SimpleITK module, imported on first need.
+
+    Raises:
+        MissingReaderError: naming ``path`` and the install command when SimpleITK is missing.
+    """
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        ext = image_extension(path) or Path(path).suffix
+        raise MissingReaderError(
+            f"{path}: reading {ext} files needs SimpleITK, which is not installed; "
+            "install it with: pip install 'sslseg[itk]' (NIfTI files .nii/.nii.gz need nothing extra)"
+        ) from None
+    return sitk
+
+
+def itk_affine(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """The 4x4 RAS index-to-scanner matrix of an ITK image, for ITK's index order ``(x, y, z)``.
+
+    ``spacing``/``origin`` hold ITK's per-axis values (``GetSpacing()``, ``GetOrigin()``) and
+    ``direction`` its row-major ``n x n`` cosine matrix (``GetDirection()``); 2D images get a unit
+    third axis, the extra axes of 4D images are dropped. ITK maps index ``i`` to the LPS point
+    ``origin + direction @ (spacing * i)``; the result is flipped to RAS (see ``_LPS_TO_RAS``).
+    """
+    n = len(spacing)
+    cosines = np.asarray(direction, dtype=np.float64).reshape(n, n)
+    m = min(n, 3)
+    lps = np.eye(4)
+    lps[:m, :m] = cosines[:m, :m] * np.asarray(spacing, dtype=np.float64)[:m]
+    lps[:m, 3] = np.asarray(origin, dtype=np.float64)[:m]
+    return _LPS_TO_RAS @ lps
+
+
+class _Zooms:
+    """``header.get_zooms()`` of an :class:`ItkImageFile` (the part of nibabel's header sslseg uses)."""
+
+    def __init__(self, zooms: tuple[float, ...]) -> None:
+        self._zooms = zooms
+
+    def get_zooms(self) -> tuple[float, ...]:
+        return self._zooms
+
+
+class ItkImageFile:
+    """An NRRD/MetaImage file seen through SimpleITK with nibabel's axis conventions.
+
+    It offers what the data layer uses of a nibabel image, so both formats go through the same
+    code: ``shape`` in file order ``(x, y[, z[, c]])`` (components, i.e. channels, last),
+    ``affine`` (RAS, for that index order), ``header.get_zooms()`` (``(x, y[, z])`` mm) and
+    ``dataobj`` (the voxels in that order, read on first use). The header is read without the
+    voxels; ``spacing_xyz``, ``origin_xyz`` and ``direction`` keep ITK's own geometry, which
+    ``sslseg infer`` writes its outputs with. :attr:`image` is the SimpleITK image itself.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        sitk = import_sitk(self.path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(self.path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise DataError(f"{self.path}: unreadable {image_extension(self.path)} file ({_itk_message(exc)})") from None
+        size = tuple(int(s) for s in reader.GetSize())
+        if len(size) not in (2, 3, 4):
+            raise DataError(f"{self.path}: expected a 2D, 3D or 4D image, got {len(size)}D of size {size}")
+        self._reader = reader
+        self._image = None
+        self.ndim = len(size)
+        self.components = int(reader.GetNumberOfComponents())
+        # A 2D image is a volume of one slice (a unit z axis), so that channels are never mistaken
+        # for a spatial axis.
+        grid = size if self.ndim > 2 else (*size, 1)
+        self.shape: tuple[int, ...] = grid + ((self.components,) if self.components > 1 else ())
+        self.spacing_xyz = tuple(float(s) for s in reader.GetSpacing())
+        self.origin_xyz = tuple(float(o) for o in reader.GetOrigin())
+        self.direction = tuple(float(d) for d in reader.GetDirection())
+        self.affine = itk_affine(self.spacing_xyz, self.origin_xyz, self.direction)
+        self.header = _Zooms((*self.spacing_xyz, 1.0)[:3])
+
+    @property
+    def image(self):
+        """The SimpleITK image (voxels read on first use)."""
+        if self._image is None:
+            try:
+                self._image = self._reader.Execute()
+            except RuntimeError as exc:
+                raise DataError(f"{self.path}: unreadable {image_extension(self.path)} file ({_itk_message(exc)})") from None
+        return self._image
+
+    @property
+    def dataobj(self) -> np.ndarray:
+        """The voxels in file order ``(x, y[, z[, c]])``: SimpleITK's ``(z, y, x[, c])`` array with
+        its spatial axes reversed (a 2D image gets a unit ``z`` axis)."""
+        sitk = import_sitk(self.path)
+        array = np.array(sitk.GetArrayViewFromImage(self.image))  # a copy: the view dies with the image
+        order = tuple(range(self.ndim - 1, -1, -1)) + tuple(range(self.ndim, array.ndim))
+        array = array.transpose(order)
+        return array[:, :, None] if self.ndim == 2 else array
+
+
+def _itk_message(exc: Exception) -> str:
+    """The last non-empty line of a SimpleITK exception (its first lines are C++ source locations)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def open_image(path: Path):
+    """A ``.nii``/``.nii.gz`` file as a nibabel image, an NRRD/MetaImage file as an
+    :class:`ItkImageFile`; in both cases voxels are not read yet.
+
+    Raises:
+        DataError: naming the file when it is missing, empty or unreadable;
+            :class:`MissingReaderError` (a ``DataError``) when SimpleITK is needed but missing.
+    """
+    path = Path(path)
+    if not is_itk_file(path):
+        return open_nifti(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    return ItkImageFile(path)
+
+
 def open_nifti(path: Path):
     """The nibabel image of a ``.nii``/``.nii.gz`` file (voxels not read yet).
 
@@ -295,7 +489,8 @@ def zyx_to_nifti(array: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarray:
 
 @dataclass
 class NiftiVolume(VolumeRecord):
-    """A NIfTI case: one file per channel (nnU-Net ``_0000`` suffixes) or one 4D file (MSD).
+    """A case of an nnU-Net/MSD folder: one file per channel (nnU-Net ``_0000`` suffixes) or one
+    4D file (MSD). Files are NIfTI (nibabel) or NRRD/MetaImage (SimpleITK, see :func:`open_image`).
 
     Attributes:
         image_paths: channel files in channel order.
@@ -312,7 +507,7 @@ class NiftiVolume(VolumeRecord):
         return str(self.image_paths[0])
 
     def _header(self, path: Path):
-        return open_nifti(path)
+        return open_image(path)
 
     def shape(self) -> tuple[int, ...]:
         shp = self._header(self.image_paths[0]).shape

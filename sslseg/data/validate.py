@@ -4,8 +4,8 @@ Checked: structural problems found while indexing (list entries naming missing f
 two lists, training slices of held-out volumes, unpaired NIfTI images and labels, channel gaps),
 then per file: empty or unreadable files, missing h5 keys, image/label shape mismatch, labels
 outside ``[0, num_classes)`` or not integer-valued, NaN/Inf images, slices that disagree with their
-volume, NIfTI label grids that disagree with the image grid. Nothing is skipped silently: unused
-files and classes never seen are reported as warnings.
+volume, NIfTI (or NRRD/MetaImage) label grids that disagree with the image grid. Nothing is skipped
+silently: unused files and classes never seen are reported as warnings.
 
 :func:`check_cases` runs the same per-file checks on the volumes a training run uses, before its
 first step, and remembers each volume's verdict in the cache (keyed by the files' paths, sizes and
@@ -24,7 +24,8 @@ import numpy as np
 
 from .cache import atomic_write_text, cache_root, files_key, stable_hash
 from .errors import DataError, DataValidationError
-from .storage import IMAGE_KEY, LABEL_KEY, H5Volume, MemoryVolume, NiftiVolume
+from .storage import (IMAGE_KEY, LABEL_KEY, H5Volume, MemoryVolume, MissingReaderError, NiftiVolume, image_files,
+                      is_itk_file, open_image)
 
 if TYPE_CHECKING:
     from .dataset import CaseDataset
@@ -147,6 +148,8 @@ class _Checker:
         return image, label
 
     def nifti(self, path: Path):
+        """Open and read one image file of a NIfTI folder (NIfTI, or NRRD/MetaImage through
+        SimpleITK); ``(image, voxels in file order)``, or None if it could not be read."""
         import nibabel as nib
 
         self.report.files_checked += 1
@@ -156,6 +159,16 @@ class _Checker:
         if path.stat().st_size == 0:
             self.problem(path, "file is empty (0 bytes)")
             return None
+        if is_itk_file(path):
+            try:
+                img = open_image(path)
+                data = np.asanyarray(img.dataobj)
+            except MissingReaderError:
+                raise  # not a problem of this file: every such file needs the extra
+            except DataError as exc:
+                self.problem(path, str(exc).removeprefix(f"{path}: "))
+                return None
+            return img, data
         try:
             img = nib.load(str(path))
             data = np.asanyarray(img.dataobj)
@@ -223,7 +236,8 @@ def _record_files(rec: object) -> list[Path]:
     if isinstance(rec, H5Volume):
         return ([rec.path] if rec.path is not None else []) + list(rec.slices.values())
     if isinstance(rec, NiftiVolume):
-        return list(rec.image_paths) + ([rec.label_path] if rec.label_path is not None else [])
+        paths = list(rec.image_paths) + ([rec.label_path] if rec.label_path is not None else [])
+        return [f for p in paths for f in image_files(p)]  # a .mhd/.nhdr header and its data file
     return []
 
 

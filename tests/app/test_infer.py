@@ -248,13 +248,16 @@ def test_bad_files(runs, tmp_path):
     np.save(nan, arr)
     with pytest.raises(ValueError, match=r"nan\.npy contains NaN"):
         sslseg.infer(run.model, nan, tmp_path / "out")
+    (tmp_path / "scan.png").write_text("x")
+    with pytest.raises(ValueError, match=r"scan\.png: unknown file type"):
+        sslseg.infer(run.model, tmp_path / "scan.png", tmp_path / "out")
     (tmp_path / "scan.mha").write_text("x")
-    with pytest.raises(ValueError, match=r"scan\.mha: unknown file type"):
+    with pytest.raises(ValueError, match=r"scan\.mha: unreadable \.mha file"):
         sslseg.infer(run.model, tmp_path / "scan.mha", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="input .*missing.nii.gz does not exist"):
         sslseg.infer(run.model, tmp_path / "missing.nii.gz", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no .nii.gz/.nii/.h5/.npy files"):
+    with pytest.raises(FileNotFoundError, match="holds no .nii.gz/.nii/.nrrd/.nhdr/.mha/.mhd/.h5/.npy files"):
         sslseg.infer(run.model, tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ValueError, match="would overwrite the input"):
         sslseg.infer(run.model, good, tmp_path)
