@@ -56,6 +56,11 @@ def time_round_robin(
     return out
 
 
+# A busy loop that also ends by itself once its parent is gone (the bench killed by a signal
+# before its ``finally`` ran): the parent pid changes when the process is re-parented.
+_BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
 @contextmanager
 def busy_load(n: int) -> Iterator[int]:
     """Run ``n`` busy-loop processes (one core each, at most) while the block runs.
@@ -70,7 +75,7 @@ def busy_load(n: int) -> Iterator[int]:
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(n):
-            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"],
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP],
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
         if procs:
