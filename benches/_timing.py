@@ -12,8 +12,10 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,7 +56,50 @@ def time_round_robin(
     return out
 
 
-def metadata(device: str) -> dict[str, object]:
+# A busy loop that also ends by itself once its parent is gone (the bench killed by a signal
+# before its ``finally`` ran): the parent pid changes when the process is re-parented.
+_BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
+@contextmanager
+def busy_load(n: int) -> Iterator[int]:
+    """Run ``n`` busy-loop processes (one core each, at most) while the block runs.
+
+    The kernels' parallel regions are measured where cores are taken by other work (a data loader,
+    a second training run, a CI job): a thread that is descheduled mid-region stalls the whole
+    fork/join. The processes are killed and reaped on exit, whatever happens inside the block.
+    Yields ``n`` (the load level, recorded in the JSON by the benches).
+    """
+    if n < 0:
+        raise ValueError(f"busy_load: n must be >= 0, got {n}")
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        if procs:
+            time.sleep(0.5)  # let the interpreters start and reach their loop
+        yield n
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def add_load_argument(parser) -> None:
+    """``--load N``: the option every op bench shares (see :func:`busy_load`)."""
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="run N busy-loop processes beside the measurement (default 0: quiet host)")
+
+
+def load_suffix(n: int) -> str:
+    """Suffix of a bench's default JSON name under ``--load N``: ``_load2`` (empty when quiet)."""
+    return f"_load{n}" if n else ""
+
+
+def metadata(device: str, load: int = 0) -> dict[str, object]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=False).stdout.strip()
@@ -70,6 +115,7 @@ def metadata(device: str) -> dict[str, object]:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "device": device,
+        "load": load,
     }
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name()

@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import metadata, time_round_robin, write_json  # noqa: E402
+from _timing import add_load_argument, busy_load, load_suffix, metadata, time_round_robin, write_json  # noqa: E402
 
 import sslseg.ops  # noqa: E402
 from sslseg.ops.edt import _reference  # noqa: E402
@@ -111,14 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads = edt parallel (default 2)")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON path (default benches/results/edt_<device>[_smoke].json)")
+    add_load_argument(p)
+    p.add_argument("--out", default=None, help="JSON path (default benches/results/edt_<device>[_loadN][_smoke].json)")
     args = p.parse_args(argv)
     sslseg.ops.require_ops()
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (2 if args.smoke else 7)
-    results = [run_case(n, m, ref, args.device, args.threads, rounds) for n, (m, ref) in make_cases(args.smoke).items()]
+    cases = make_cases(args.smoke)
+    with busy_load(args.load):
+        results = [run_case(n, m, ref, args.device, args.threads, rounds) for n, (m, ref) in cases.items()]
 
-    print(f"EDT, device {args.device}, {args.threads} threads (torch) = parallel={args.threads} (edt); "
+    print(f"EDT, device {args.device}, {args.threads} threads (torch) = parallel={args.threads} (edt), load {args.load}; "
           f"edt package {'present' if edt_pkg is not None else 'MISSING'}; min / median ms")
     order = ["sslseg_bool", "sslseg_uint8", "sslseg_aniso", "edt_uint8", "edt_bool", "edt_aniso", "scipy", "reference"]
     print("| variant | " + " | ".join(f"{r['case']} ({r['fg_fraction'] * 100:.0f} % fg)" for r in results) + " |")
@@ -138,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 line.append(f"{ours} {t[theirs]['min_ms'] / t[ours]['min_ms']:.2f}x faster than {theirs};")
         agree = ", ".join(f"{k} {_agreement(a)} scipy" for k, a in r["agreement"].items())
         print(" ".join(line) + " " + agree)
-    out = args.out or f"benches/results/edt_{args.device}{'_smoke' if args.smoke else ''}.json"
-    write_json(out, {"bench": "edt", "meta": metadata(args.device), "threads": args.threads,
+    out = args.out or f"benches/results/edt_{args.device}{load_suffix(args.load)}{'_smoke' if args.smoke else ''}.json"
+    write_json(out, {"bench": "edt", "meta": metadata(args.device, args.load), "load": args.load, "threads": args.threads,
                      "edt_package": edt_pkg is not None, "results": results})
     print(f"wrote {out}")
     return 0

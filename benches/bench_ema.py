@@ -13,7 +13,10 @@ Cases: the SSL4MIS 2D UNet parameter list (16..256 channels, ~1.8M params, 82 te
 UNet at 64..1024 channels (~29M), and 500 small tensors of 1024 elements (an nn.ParameterList).
 Parameters only (buffers excluded), so every variant moves the same bytes.
 
-Usage: python benches/bench_ema.py [--smoke] [--device cpu|cuda] [--threads N] [--out PATH]
+Usage: python benches/bench_ema.py [--smoke] [--device cpu|cuda] [--threads N] [--load N] [--out PATH]
+
+--load N runs N busy-loop processes beside the measurement (a host whose cores are taken by other
+work); the JSON records the level and the default name gets a _loadN suffix.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import metadata, time_round_robin, write_json  # noqa: E402
+from _timing import add_load_argument, busy_load, load_suffix, metadata, time_round_robin, write_json  # noqa: E402
 
 import sslseg.ops  # noqa: E402
 from sslseg.ops.ema import _reference  # noqa: E402
@@ -110,16 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON path (default benches/results/ema_<device>.json)")
+    add_load_argument(p)
+    p.add_argument("--out", default=None, help="JSON path (default benches/results/ema_<device>[_loadN].json)")
     args = p.parse_args(argv)
     sslseg.ops.require_ops()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.smoke else 21)
-    results = [run_case(n, s, args.device, rounds) for n, s in make_cases(args.smoke).items()]
+    cases = make_cases(args.smoke)
+    with busy_load(args.load):
+        results = [run_case(n, s, args.device, rounds) for n, s in cases.items()]
 
     order = ["sslseg", "sslseg_lists", "reference", "ssl4mis_loop", "foreach_lerp", "flat_lerp"]
-    print(f"EMA update, decay {DECAY}, device {args.device}, {torch.get_num_threads()} threads; "
+    print(f"EMA update, decay {DECAY}, device {args.device}, {torch.get_num_threads()} threads, load {args.load}; "
           "min / median ms per update, ratio to flat_lerp (min-based)")
     header = "| variant | " + " | ".join(f"{r['case']} ({r['params'] / 1e6:.2f}M, {r['tensors']} t)" for r in results) + " |"
     print(header)
@@ -134,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         s, f = r["timings"]["sslseg"], r["timings"]["foreach_lerp"]
         print(f"{r['case']}: sslseg {s['x_flat_min']:.2f}x flat bound (target <= 1.3), "
               f"{f['min_ms'] / s['min_ms']:.2f}x faster than foreach_lerp, {s['GBps_min']:.1f} GB/s")
-    out = args.out or f"benches/results/ema_{args.device}{'_smoke' if args.smoke else ''}.json"
-    write_json(out, {"bench": "ema", "meta": metadata(args.device), "decay": DECAY, "results": results})
+    out = args.out or f"benches/results/ema_{args.device}{load_suffix(args.load)}{'_smoke' if args.smoke else ''}.json"
+    write_json(out, {"bench": "ema", "meta": metadata(args.device, args.load), "load": args.load, "decay": DECAY, "results": results})
     print(f"wrote {out}")
     return 0
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import metadata, write_json  # noqa: E402
+from _timing import add_load_argument, busy_load, load_suffix, metadata, write_json  # noqa: E402
 from bench_sliding_window import QUIET, timed_sample  # noqa: E402
 
 import sslseg.ops  # noqa: E402
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON path (default benches/results/mc_uncertainty_<device>.json)")
+    add_load_argument(p)
+    p.add_argument("--out", default=None, help="JSON path (default benches/results/mc_uncertainty_<device>[_loadN].json)")
     p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -197,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases = [("2d_uamt", (12, 4, 256, 256), 8), ("3d_uamt", (2, 2, 112, 112, 80), 8)]
         rounds = args.rounds or 11
-    results = [run_case(n, s, T, args.device, rounds, args.threads) for n, s, T in cases]
-    print(f"MC-dropout uncertainty (mean softmax + entropy), device {args.device}, {torch.get_num_threads()} threads; "
-          "non-network time min / median ms, ratio to sslseg (min), peak extra memory MB")
+    with busy_load(args.load):
+        results = [run_case(n, s, T, args.device, rounds, args.threads) for n, s, T in cases]
+    print(f"MC-dropout uncertainty (mean softmax + entropy), device {args.device}, {torch.get_num_threads()} threads, "
+          f"load {args.load}; non-network time min / median ms, ratio to sslseg (min), peak extra memory MB")
     print("| case | variant | time ms | x sslseg | peak extra MB | max abs diff (mean / entropy) vs stack |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -215,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['case']}: sslseg {t['ssl4mis']['min_ms'] / t['sslseg']['min_ms']:.1f}x faster than ssl4mis, "
               f"{t['stack']['min_ms'] / t['sslseg']['min_ms']:.1f}x than stack; peak extra memory "
               f"{m['sslseg']:.0f} MB vs {m['ssl4mis']:.0f} (ssl4mis) / {m['stack']:.0f} (stack)")
-    out = args.out or f"benches/results/mc_uncertainty_{args.device}{'_smoke' if args.smoke else ''}.json"
-    write_json(out, {"bench": "mc_uncertainty", "meta": metadata(args.device), "results": results})
+    out = args.out or f"benches/results/mc_uncertainty_{args.device}{load_suffix(args.load)}{'_smoke' if args.smoke else ''}.json"
+    write_json(out, {"bench": "mc_uncertainty", "meta": metadata(args.device, args.load), "load": args.load, "results": results})
     print(f"wrote {out}")
     return 0
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import metadata, write_json  # noqa: E402
+from _timing import add_load_argument, busy_load, load_suffix, metadata, write_json  # noqa: E402
 
 import sslseg.ops  # noqa: E402
 from sslseg.inference import clear_cache, sliding_window  # noqa: E402
@@ -261,27 +261,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-unet", action="store_true", help="skip the 3D UNet case")
     p.add_argument("--no-big-stride", action="store_true",
                    help="skip SSL4MIS's stride grid on the big volume (1344 windows: the longest part)")
-    p.add_argument("--out", default=None, help="JSON path (default benches/results/sliding_window_<device>.json)")
+    add_load_argument(p)
+    p.add_argument("--out", default=None, help="JSON path (default benches/results/sliding_window_<device>[_loadN].json)")
     args = p.parse_args(argv)
     sslseg.ops.require_ops()
     if args.threads:
         torch.set_num_threads(args.threads)
     QUIET["on"] = not args.smoke
     dev = args.device
-    if args.smoke:
-        rounds = args.rounds or 3
-        rows = run_case("smoke", (1, 1, 48, 40, 33), (24, 20, 16), "trivial", (1, 4), dev, rounds, True, (6, 6, 4))
-        if UNet is not None and not args.no_unet:
-            rows += run_case("smoke", (1, 1, 40, 36, 30), (32, 32, 24), "unet", (2,), dev, 2, False, None)
-    else:
-        rounds = args.rounds or 7
-        rows = run_case("big", (1, 1, 224, 224, 160), (112, 112, 80), "trivial", (1, 2, 4), dev, rounds,
-                        not args.no_big_stride, (18, 18, 4))
-        rows += run_case("LA", (1, 1, 128, 128, 88), (112, 112, 80), "trivial", (1, 4), dev, rounds, True, (18, 18, 4))
-        if UNet is not None and not args.no_unet:
-            rows += run_case("big", (1, 1, 224, 224, 160), (112, 112, 80), "unet", (2,), dev, 3, False, None)
+    with busy_load(args.load):
+        if args.smoke:
+            rounds = args.rounds or 3
+            rows = run_case("smoke", (1, 1, 48, 40, 33), (24, 20, 16), "trivial", (1, 4), dev, rounds, True, (6, 6, 4))
+            if UNet is not None and not args.no_unet:
+                rows += run_case("smoke", (1, 1, 40, 36, 30), (32, 32, 24), "unet", (2,), dev, 2, False, None)
+        else:
+            rounds = args.rounds or 7
+            rows = run_case("big", (1, 1, 224, 224, 160), (112, 112, 80), "trivial", (1, 2, 4), dev, rounds,
+                            not args.no_big_stride, (18, 18, 4))
+            rows += run_case("LA", (1, 1, 128, 128, 88), (112, 112, 80), "trivial", (1, 4), dev, rounds, True, (18, 18, 4))
+            if UNet is not None and not args.no_unet:
+                rows += run_case("big", (1, 1, 224, 224, 160), (112, 112, 80), "unet", (2,), dev, 3, False, None)
 
-    print(f"sliding window, device {dev}, {torch.get_num_threads()} threads; ms min / median "
+    print(f"sliding window, device {dev}, {torch.get_num_threads()} threads, load {args.load}; ms min / median "
           "(total | network | overhead = total - network)")
     print("| case | net | sw_bs | variant | total ms | network ms | overhead ms | overhead vs MONAI |")
     print("|---|---|---|---|---|---|---|---|")
@@ -307,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['case']} stride {tuple(r['stride'])}: sslseg {t['sslseg_stride']['total_min_ms']:.0f} ms vs ssl4mis "
                   f"{t['ssl4mis']['total_min_ms']:.0f} ms ({t['ssl4mis']['overhead_min_ms'] / t['sslseg_stride']['overhead_min_ms']:.1f}x less overhead), "
                   f"label mismatches {r['label_mismatch_vs_ssl4mis']}")
-    out = args.out or f"benches/results/sliding_window_{dev}{'_smoke' if args.smoke else ''}.json"
-    write_json(out, {"bench": "sliding_window", "meta": metadata(dev), "results": rows})
+    out = args.out or f"benches/results/sliding_window_{dev}{load_suffix(args.load)}{'_smoke' if args.smoke else ''}.json"
+    write_json(out, {"bench": "sliding_window", "meta": metadata(dev, args.load), "load": args.load, "results": rows})
     print(f"wrote {out}")
     return 0
 

@@ -5,8 +5,10 @@
 // envelope of each contiguous row along X. Pass 2 (3D) solves the lines along Z: they are gathered
 // 64 at a time (256 contiguous bytes per plane, few pages per tile) into a transposed local tile,
 // solved and scattered back. The last pass writes the float32 result (sqrt, and the spacing on
-// the float path). Planes and tiles are split over threads with torch::stable::parallel_for.
+// the float path). Planes and tiles are split over threads when the volume holds enough work for
+// it (csrc/parallel.h).
 #include "ops/edt.h"
+#include "parallel.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -25,9 +27,12 @@ namespace {
 
 using edt_detail::envelope_line;
 
-// Work per parallel task, in voxels: below it a volume runs on one thread. A fork/join costs
-// ~10 us on an idle host but milliseconds on a loaded one; 128K voxels take ~1 ms.
-constexpr int64_t kMinTaskVoxels = int64_t(1) << 17;
+// Serial cost per voxel of each pass (csrc/parallel.h), measured with one thread on the
+// development host: 2D (4, 256, 256), plane pass with the final write, 9.4 ns per voxel; 3D
+// (64^3, 128 x 128 x 96), both passes, 16.5-17.5 ns per voxel. A volume under ~110K voxels (2D)
+// or ~60K (3D) runs on one thread, with no parallel region.
+constexpr double kPlaneVoxelNs = 9.0;
+constexpr double kDepthVoxelNs = 8.0;
 
 template <typename W>
 struct LocalLine {
@@ -181,8 +186,7 @@ void scan_backward(const M* __restrict__ mask, int32_t* __restrict__ c, const in
 // row along X, in place on contiguous memory. `fin` set: the rows are the last pass (2D).
 template <typename M, typename W>
 void plane_pass(const M* mask, W* work, float* fin, int64_t planes, int64_t Y, int64_t X, W hy, W hx, double scale) {
-  const int64_t grain = std::max<int64_t>(1, kMinTaskVoxels / std::max<int64_t>(Y * X, 1));
-  torch::stable::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+  parallel::parallel_for(0, planes, kPlaneVoxelNs * static_cast<double>(Y * X), [&](int64_t p0, int64_t p1) {
     std::vector<int32_t> fwd(static_cast<size_t>(Y * X));
     std::vector<int32_t> cnt(static_cast<size_t>(X));
     StackStorage<W> stack(X);
@@ -215,8 +219,7 @@ template <typename W>
 void depth_pass(W* work, float* fin, int64_t B, int64_t Z, int64_t inner, W hz, double scale) {
   constexpr int64_t kTile = 64;
   const int64_t tiles_per_b = (inner + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskVoxels / std::max<int64_t>(Z * kTile, 1));
-  torch::stable::parallel_for(0, B * tiles_per_b, grain, [&](int64_t t0, int64_t t1) {
+  parallel::parallel_for(0, B * tiles_per_b, kDepthVoxelNs * static_cast<double>(Z * kTile), [&](int64_t t0, int64_t t1) {
     TileSolver<W> solver(Z, kTile);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles_per_b;

@@ -1,6 +1,8 @@
-// CPU kernel of sslseg::ema_update_. The whole tensor list is one work range split across threads,
-// so a list of many small tensors costs one parallel region instead of one dispatch per tensor.
+// CPU kernel of sslseg::ema_update_. The whole tensor list is one work range, split across threads
+// only when it holds enough work (csrc/parallel.h): a list of many small tensors costs one serial
+// pass, a big list one parallel region, never one dispatch per tensor.
 #include "ops/ema.h"
+#include "parallel.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -69,13 +71,9 @@ void ema_segments_cpu(const std::vector<EmaSegment>& segs, double decay) {
       }
     }
   };
-  // Below ~64K elements the update is a few microseconds: threads would cost more than they save.
-  constexpr int64_t kGrain = 1 << 16;
-  if (total <= kGrain) {
-    body(0, total);  // skip the shim round trip of parallel_for for a single chunk
-  } else {
-    torch::stable::parallel_for(0, total, kGrain, body);
-  }
+  // One element reads teacher and student and writes teacher: a streaming loop (csrc/parallel.h).
+  // Lists up to ~4M float32 elements run serially, with no parallel region.
+  parallel::parallel_for(0, total, parallel::stream_ns(2.0 * sizeof(T) + sizeof(S)), body);
 }
 
 template <typename T>
