@@ -7,7 +7,6 @@
 // with softmax=true, the softmax over channels of the window's logits as well).
 #include "fastmath.h"
 #include "ops/sliding_window.h"
-#include "parallel.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -22,14 +21,6 @@
 
 namespace sslseg {
 namespace {
-
-// Serial cost estimates (csrc/parallel.h): gather and accumulate are streaming loops, costed by
-// the bytes they move per element; the softmax over channels is the three-sweep Cephes loop of
-// mc_uncertainty's kernel (0.47-0.49 ns per element measured there in float32; float64 uses
-// std::exp, ~10 ns). A window under ~1M float32 elements (e.g. 112 x 112 x 80 x 1 channel) is
-// one serial pass.
-constexpr double kSoftmaxF32Ns = 0.5;
-constexpr double kSoftmaxF64Ns = 10.0;
 
 // ---- gather ------------------------------------------------------------------------------------
 
@@ -46,8 +37,12 @@ void gather_impl(const Tensor& volume, Tensor& out, const SwGrid& g, int64_t wb,
   const int64_t C = v.size[1];
   const int64_t r0 = g.roi[0], r1 = g.roi[1], r2 = g.roi[2];
   const int64_t rows = (we - wb) * C * r0 * r1;
-  const double row_ns = static_cast<double>(r2) * parallel::stream_ns(2.0 * sizeof(T));
-  parallel::parallel_for(0, rows, row_ns, [&](int64_t begin, int64_t end) {
+  // Not sslseg::parallel::parallel_for (csrc/parallel.h): one window's gather is 0.1-0.9 ms, under
+  // its 1 ms threshold, and running it serially made the sliding-window overhead 1.4-1.55x MONAI's
+  // instead of 0.9x on an idle host (bench_sliding_window.py, LA volume). A row grain of ~32k
+  // elements keeps it parallel until a split over rows of several windows replaces it.
+  const int64_t grain = std::max<int64_t>(1, 32768 / r2);
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     int64_t i1 = begin % r1, t = begin / r1;
     int64_t i0 = t % r0;
     t /= r0;
@@ -221,16 +216,11 @@ void accumulate_windows(const Tensor& out, const Tensor& pred, const A* imp, con
     // Parallel over the window's rows (x0, x1); the channels are the inner loop, so the row of
     // the importance map and of the weight is read from memory once for all channels.
     const int64_t rows = e0 * e1;
-    // Per element: pred read, out read and written, importance and weight read; the softmax.
-    const double elem_ns =
-        parallel::stream_ns(static_cast<double>(sizeof(P) + 2 * sizeof(A) + (kImp ? sizeof(A) : 0) +
-                                                (wp != nullptr ? sizeof(A) : 0))) +
-        (softmax ? (std::is_same_v<A, double> ? kSoftmaxF64Ns : kSoftmaxF32Ns) : 0.0);
-    const double row_ns = elem_ns * static_cast<double>(C * (hi[2] - lo[2]));
+    const int64_t grain = std::max<int64_t>(1, 32768 / (C * (hi[2] - lo[2])));
     const int64_t obase = win.b * o5.stride[0];
     const int64_t pbase = n * p5.stride[0];
     const int64_t len = hi[2] - lo[2];
-    parallel::parallel_for(0, rows, row_ns, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       // softmax: the row's probabilities for all channels, computed once, unit stride.
       std::vector<A> buf(softmax ? (C + 2) * len : 0);
       // separable importance: the row of the map, computed once per row for all channels.
