@@ -52,6 +52,16 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labeled_arg(text: str) -> float | str:
+    """``--labeled``: ``all`` or a number (checked, with its message, by the engine)."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a case count, a fraction in (0, 1) or 'all', got {text!r}") from None
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from sslseg.engine import EngineConfig, fit
     from sslseg.engine.config import load_yaml, parse_set
@@ -96,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --set key=value (e.g. --set batch_size=8 --set ema_decay=0.999) or a YAML file.")
     p.add_argument("method", help="method name, e.g. mean_teacher, cps")
     p.add_argument("--data", default=None, help="data folder or synthetic:<acdc|la|brats> (default synthetic:acdc)")
-    p.add_argument("--labeled", type=float, default=None, help="labeled cases: a count (7) or a fraction (0.1)")
+    p.add_argument("--labeled", type=_labeled_arg, default=None,
+                   help="labeled cases: a count (7), a fraction in (0, 1) (0.1) or 'all'")
     p.add_argument("--iterations", type=int, default=None, help="optimizer steps")
     p.add_argument("--model", default=None, help="network (see sslseg.list_models()); default unet / unet_3d")
     p.add_argument("--seed", type=int, default=None)

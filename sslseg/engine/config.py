@@ -27,7 +27,8 @@ class EngineConfig:
 
     Attributes:
         data: Dataset spec for ``sslseg.data.load`` (a folder or ``synthetic:<kind>``).
-        labeled: Labeled cases: a count (``7``) or a fraction of the training cases (``0.1``).
+        labeled: Labeled cases: a count (``7``; ``1.0`` is one case), a fraction of the training
+            cases in (0, 1) (``0.1``), or ``"all"`` (also None) for every training case.
         iterations: Optimizer steps.
         model: Segmentation network (``sslseg.models``); None: ``unet`` in 2D, ``unet_3d`` in 3D.
         model_options: Extra options for ``create_model``.
@@ -93,7 +94,7 @@ class EngineConfig:
     """
 
     data: str = "synthetic:acdc"
-    labeled: float = 7
+    labeled: float | str | None = 7
     iterations: int = 3000
     model: str | None = None
     model_options: dict[str, Any] = field(default_factory=dict)

@@ -137,11 +137,12 @@ def _wrap_ddp(method: SSLMethod, device: torch.device) -> nn.parallel.Distribute
     return ddp(module, device_ids=None, find_unused_parameters=True, **no_forward_sync)
 
 
-def _labeled_value(labeled: float | int | None) -> int | float | None:
-    if labeled is None:
+def _labeled_value(labeled: float | int | str | None) -> int | float | None:
+    """A count (int), a fraction in (0, 1) (float), or None for every training case (``"all"``)."""
+    if labeled is None or (isinstance(labeled, str) and labeled.strip().lower() == "all"):
         return None
     if isinstance(labeled, bool) or not isinstance(labeled, (int, float)) or labeled <= 0:
-        raise ValueError(f"labeled must be a case count >= 1 or a fraction in (0, 1], got {labeled!r}")
+        raise ValueError(f"labeled must be a case count >= 1, a fraction in (0, 1) or 'all', got {labeled!r}")
     if float(labeled).is_integer() and labeled >= 1:
         return int(labeled)
     return float(labeled)
@@ -178,7 +179,7 @@ def fit(
     method: str,
     data: str | None = None,
     *,
-    labeled: float | int | None = None,
+    labeled: float | int | str | None = None,
     iterations: int | None = None,
     model: str | None = None,
     seed: int | None = None,
@@ -196,7 +197,8 @@ def fit(
         method: A name from ``sslseg.list_methods()`` (``"cps"``, ``"mean_teacher"``, ...).
         data: Dataset spec: a data folder (SSL4MIS h5 layouts, NIfTI) or ``synthetic:<kind>``
             (default ``synthetic:acdc``).
-        labeled: Labeled cases: a count (``7``) or a fraction of the training cases.
+        labeled: Labeled cases: a count (``7``; ``1.0`` is one case), a fraction of the training
+            cases in (0, 1) (``0.1``) or ``"all"``; None: the config's value (default 7).
         iterations: Optimizer steps.
         model: Network name (``sslseg.models.list_models()``); default ``unet`` / ``unet_3d``.
         seed: Seed of the split, networks, batches and augmentations.
@@ -391,7 +393,8 @@ class Trainer:
         if out_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             tag = "".join(ch if ch.isalnum() else "_" for ch in str(eng.data).replace("synthetic:", ""))
-            out_dir = Path("runs") / f"{cls.name}-{tag}-l{eng.labeled:g}-s{eng.seed}-{stamp}"
+            n_lab = "all" if labeled is None else f"{labeled:g}"
+            out_dir = Path("runs") / f"{cls.name}-{tag}-l{n_lab}-s{eng.seed}-{stamp}"
         # Rank 0's name: the ranks' clocks may straddle a second.
         self.dir = Path(dist.broadcast_object(str(out_dir)))
         self.history: list[dict[str, Any]] = []
