@@ -13,19 +13,25 @@ Protocol (identical for every run):
       diagonal as distance; both empty: Dice 1, distance 0); no test-time augmentation;
     * each cell of the table: mean ± sample std over the 3 seeds.
 
-Schedule, sized for this 2-core CPU machine: about 60-65 minutes for the whole table (138 runs)
-with ``--jobs 2`` when nothing else runs, each run on one thread (see ESTIMATE below):
-    * ACDC: ``synthetic:acdc?cases=30&size=64&slices=6`` (21 training patients, 3 validation,
-      6 test; two frames per patient; 64x64 pixels of 1.5 mm, 6 slices of 10 mm). Slices are
-      resized to the 32x32 training patch (SSL4MIS resizes ACDC slices to its patch too) and
-      predictions back to 64x64, where they are scored. The methods' default 2D networks (U-Net
-      16-32-64-128-256; CTCT's second branch is a Swin-UNet, which needs a multiple of 32), batch 8
-      (4 labeled + 4 unlabeled; ``supervised`` trains on 8 labeled slices, as SSL4MIS's supervised
-      script), ACDC_STEPS steps of SGD (lr 0.01, poly decay), validation every VAL_EVERY steps.
+Schedule: about 470 CPU-minutes for the whole table (138 runs; about 4 hours with ``--jobs 2``
+on this 2-core machine, each run on one thread; see ESTIMATE below), spread over sessions by
+``--budget-min``:
+    * ACDC: ``synthetic:acdc?cases=30&size=80&slices=2`` (21 training patients, 3 validation,
+      6 test; two frames per patient; 80x80 pixels of 1.5 mm, 2 slices of 10 mm), trained and
+      scored at its own 80x80 size. The setting is calibrated (``benches/bench_calibration.py``,
+      ``benches/results/calibration.md``): ``supervised`` on all 21 patients beats 3 labeled
+      patients by +0.12 test Dice over 3 seeds at 800 steps (+0.03 with the earlier 64x64 phantom
+      resized to a 32x32 patch for 200 steps), and 3 labeled patients stay far above chance. The
+      methods' default 2D networks (U-Net 16-32-64-128-256; CTCT's second branch is a Swin-UNet,
+      trained on the patch rounded to 64x64), batch 8 (4 labeled + 4 unlabeled; ``supervised``
+      trains on 8 labeled slices, as SSL4MIS's supervised script), ACDC_STEPS steps of SGD (lr
+      0.01, poly decay), validation every ACDC_VAL_EVERY steps. 800 steps, not 400 (whose gap is
+      as large): the slow starters (bcp's pre-training stage, urpc's pyramid, unimatch's
+      full-weight strong losses) only pass ``supervised`` after several hundred steps.
     * LA: ``synthetic:la?cases=30&size=40`` (24 training cases, of which 2 are held out for
       validation; 6 test; 40^3 voxels of 1 mm). 3D U-Net at half width (channels 8-16-32-64-128:
       full width costs twice as much per step on a CPU) for every method but DTC; random 32^3
-      patches, batch 4 (2 + 2), LA_STEPS steps, validation every VAL_EVERY steps; Gaussian sliding
+      patches, batch 4 (2 + 2), LA_STEPS steps, validation every LA_VAL_EVERY steps; Gaussian sliding
       window (overlap 0.5) for validation and test.
     * LA on DTC's network (the table's group ``synthetic:la?... [vnet]``): DTC keeps its own V-Net
       with a signed-distance head (``vnet_sdf``, 16 filters, as in its paper) and its own ramp (over
@@ -37,10 +43,8 @@ with ``--jobs 2`` when nothing else runs, each run on one thread (see ESTIMATE b
     * ``--scale F`` multiplies both step counts (and the time) by F, for a longer, closer to
       converged table when more time is available; the default (1) is the table of docs/benchmark.md.
 
-These schedules are short and the runs are far from converged (single-run probes with this setup
-reached test Dice 0.37 on ACDC after 75 steps and 0.62 on LA after 50 steps), so the table shows
-early training, where consistency terms that ramp up over the run have had little time to act. The
-phantoms and numbers are not comparable with published ACDC/LA results.
+These schedules are CPU-sized, not converged; the phantoms and numbers are not comparable with
+published ACDC/LA results.
 
 Results that accumulate: a full table costs more CPU time than one session may have, so every
 finished run leaves a small result record, and the table is built from the records:
@@ -54,7 +58,7 @@ finished run leaves a small result record, and the table is built from the recor
       into ``<records>/<group>/<method>-l<labeled>-s<seed>/`` with a ``record.json`` (the run's
       protocol: iterations, fixed options incl. batch and patch, split, empty policy, units, TTA),
       written to a temporary folder first and renamed into place. ``<group>`` is the data tag, the
-      network variant if any, and the step count: ``acdc-cases30-size64-slices6-i200``.
+      network variant if any, and the step count: ``acdc-cases30-size80-slices2-i800``.
     * The table (``<records>/table[_x<scale>]/``: ``sweep.json`` listing every planned run, the
       report's ``report.md``/``report.csv``/forest plots) holds every record whose protocol
       matches this invocation's; a planned run without one is a missing cell (``—`` with the number
@@ -100,9 +104,9 @@ from sslseg.app.sweep import MANIFEST, SWEEP_FORMAT, data_tag, parse_labeled, sw
 RESULTS = Path(__file__).resolve().parent / "results"
 RECORDS = RESULTS / "methods"
 WORK = Path(__file__).resolve().parents[1] / "runs" / "bench_methods"
-ACDC = "synthetic:acdc?cases=30&size=64&slices=6"
+ACDC = "synthetic:acdc?cases=30&size=80&slices=2"
 LA = "synthetic:la?cases=30&size=40"
-ACDC_STEPS, LA_STEPS, VAL_EVERY = 200, 75, 25
+ACDC_STEPS, LA_STEPS, ACDC_VAL_EVERY, LA_VAL_EVERY = 800, 75, 100, 25
 SEEDS = (0, 1, 2)
 # Single-thread CPU time measured on this machine (sweep_run.json's CPU seconds, differences of
 # 25- and 75/50-step runs, validation included): ACDC 0.07 (supervised), 0.10 (mean_teacher),
@@ -110,7 +114,9 @@ SEEDS = (0, 1, 2)
 # evaluation; LA 0.65 (supervised), 0.73 (mean_teacher), 1.53 (uamt) s/step and ~12 s per run.
 # Other methods scaled by their measured cost relative to mean_teacher: ACDC ~13.4 s and LA
 # ~39 s per step of the whole grid, i.e. 93 x 12 + 200 x 13.4 + 45 x 12 + 75 x 40 = ~7300 CPU-s.
-ESTIMATE = "about 120 CPU-minutes, i.e. about 60-65 minutes with --jobs 2 on 2 idle cores"
+# With the calibrated ACDC protocol (800 steps at 80x80, 1.8x the per-step cost of 200 steps at
+# 32x32: ACDC_COST below): ACDC 6 x 9.9 min x 4 x 1.8 + 3 x 1.8 = ~430, LA ~40 CPU-minutes.
+ESTIMATE = "about 470 CPU-minutes, i.e. about 4 hours with --jobs 2 on 2 idle cores (spread it with --budget-min)"
 # Minutes of ``sslseg fit`` per run at the default schedule (ACDC_STEPS / LA_STEPS steps, one
 # thread, 2-core machine, --jobs 2): the table of commit 699d8de (benches/results/methods.json,
 # mean over labeled counts and seeds). ``supervised[vnet]`` is taken as DTC's (the same V-Net
@@ -124,7 +130,12 @@ FIT_MINUTES = {
            "fixmatch": 0.93, "ict": 0.69, "mean_teacher": 0.69, "rdrop": 1.11, "uamt": 1.26, "unimatch": 1.44,
            "urpc": 0.62, "supervised[vnet]": 0.55},
 }
-DEFAULT_STEPS = {"acdc": ACDC_STEPS, "la": LA_STEPS}
+# The steps FIT_MINUTES were measured at (the table of commit 699d8de), and the per-step cost of
+# each data kind's current protocol relative to that table's: the calibrated ACDC protocol (80x80
+# patches, 800 steps) costs 1.8x per step (supervised: 1.8 min per 800-step run in
+# benches/results/calibration.json against 0.25 min per 200-step run at 32x32).
+DEFAULT_STEPS = {"acdc": 200, "la": LA_STEPS}
+COST_FACTOR = {"acdc": 1.8, "la": 1.0}
 RUN_OVERHEAD_S = 12.0  # process starts, data generation and the test evaluation of one run
 # Methods named by the benchmark's targets at the smallest labeled count of the first grid.
 TARGET_METHODS = ("mean_teacher", "uamt", "cps", "fixmatch", "bcp", "unimatch")
@@ -154,8 +165,10 @@ class Grid(NamedTuple):
 
 
 def full_grids(scale: float = 1.0) -> list[Grid]:
-    acdc = {"batch_size": 8, "labeled_bs": 4, "patch_size": [32, 32], "val_every": VAL_EVERY, "log_every": 25}
-    la = {"batch_size": 4, "labeled_bs": 2, "patch_size": [32, 32, 32], "val_every": VAL_EVERY, "log_every": 25}
+    # No patch_size: the engine's default, the slices' own 80x80 (64x64 for CTCT's Swin-UNet, which
+    # takes multiples of 32; an explicit 80x80 would refuse it).
+    acdc = {"batch_size": 8, "labeled_bs": 4, "val_every": ACDC_VAL_EVERY, "log_every": 50}
+    la = {"batch_size": 4, "labeled_bs": 2, "patch_size": [32, 32, 32], "val_every": LA_VAL_EVERY, "log_every": 25}
     half_width = {"model_options": {"channels": [8, 16, 32, 64, 128]}}
     la_methods = [m for m in list_methods(3) if m != "dtc"]
     acdc_steps, la_steps = max(1, round(ACDC_STEPS * scale)), max(1, round(LA_STEPS * scale))
@@ -373,7 +386,7 @@ def estimate_seconds(run: BenchRun, measured: Mapping[tuple[str, str], tuple[flo
     table = FIT_MINUTES.get(run.kind, {})
     minutes = table.get(run.cost_key, table.get(run.method, max(table.values(), default=2.5)))
     steps = DEFAULT_STEPS.get(run.kind, run.grid.iterations)
-    return RUN_OVERHEAD_S + 60.0 * minutes * run.grid.iterations / steps
+    return RUN_OVERHEAD_S + 60.0 * minutes * COST_FACTOR.get(run.kind, 1.0) * run.grid.iterations / steps
 
 
 class Queue(NamedTuple):

@@ -162,12 +162,12 @@ def test_a_record_of_another_protocol_is_refused_and_left_out(bench, tmp_path, t
 
 def test_estimates_from_the_table_then_from_measured_records(bench, tmp_path, tiny):
     acdc = [r for r in bench.plan_runs(bench.full_grids(), (0,)) if r.method == "ctct" and r.labeled == 3][0]
-    assert bench.estimate_seconds(acdc, {}) == pytest.approx(
-        bench.RUN_OVERHEAD_S + 60 * bench.FIT_MINUTES["acdc"]["ctct"])
+    # The table's minutes were measured at DEFAULT_STEPS; the protocol's steps and per-step cost scale them.
+    full = 60 * bench.FIT_MINUTES["acdc"]["ctct"] * bench.COST_FACTOR["acdc"] * bench.ACDC_STEPS / bench.DEFAULT_STEPS["acdc"]
+    assert bench.estimate_seconds(acdc, {}) == pytest.approx(bench.RUN_OVERHEAD_S + full)
     half = bench.plan_runs(bench.full_grids(0.5), (0,))
     acdc_half = [r for r in half if r.method == "ctct" and r.labeled == 3][0]
-    assert bench.estimate_seconds(acdc_half, {}) == pytest.approx(
-        bench.RUN_OVERHEAD_S + 30 * bench.FIT_MINUTES["acdc"]["ctct"])
+    assert bench.estimate_seconds(acdc_half, {}) == pytest.approx(bench.RUN_OVERHEAD_S + full / 2)
     runs = bench.plan_runs(_grids(bench), (0, 1))
     records = tmp_path / "records"
     _record(bench, tmp_path, tiny, runs[0], records)  # 30 s of fit for 4 steps, 5 s of evaluation
