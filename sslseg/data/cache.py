@@ -76,6 +76,23 @@ def save_json(path: Path, obj: object) -> None:
     atomic_write_text(path, buf.getvalue() + "\n")
 
 
+def read_memo(path: Path) -> dict:
+    """A memo of per-file results (``{key: value}``) saved by :func:`write_memo`; empty when the file
+    is missing or damaged (which only costs recomputing what it held)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_memo(path: Path, memo: dict) -> None:
+    """Save a memo atomically; a read-only cache is not an error (the next run recomputes)."""
+    try:
+        atomic_write_text(path, json.dumps(memo))
+    except OSError:
+        pass
+
+
 def _json_default(x: object) -> object:
     if isinstance(x, np.generic):
         return x.item()

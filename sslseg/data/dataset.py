@@ -236,17 +236,12 @@ class CaseDataset:
             DataError: The labels hold fewer classes than the layout's default (the missing ones
                 would be trained and scored as empty classes, Dice 1 in every mean).
         """
-        import json
-
-        from .cache import atomic_write_text, cache_root, files_key, stable_hash
+        from .cache import cache_root, files_key, read_memo, stable_hash, write_memo
         from .validate import _record_files
 
         default = len(DEFAULT_CLASSES[self.layout])
         store = cache_root() / "label_max" / f"{stable_hash([str(self.root or self.name)])}.json"
-        try:
-            known: dict[str, int] = json.loads(store.read_text()) if store.is_file() else {}
-        except (OSError, ValueError):
-            known = {}  # a damaged cache file costs one re-scan
+        known: dict[str, int] = read_memo(store)
         top, changed = 0, False
         for rec in self._raw_volumes.values():
             files = _record_files(rec)
@@ -266,10 +261,7 @@ class CaseDataset:
             if key is not None:
                 known[key], changed = value, True
         if changed:
-            try:
-                atomic_write_text(store, json.dumps(known))
-            except OSError:
-                pass  # a read-only cache only costs the next run a re-scan
+            write_memo(store, known)
         if top + 1 < default:
             where = self.root or self.name
             raise DataError(

@@ -14,7 +14,6 @@ modification times), so a second run on unchanged files reads nothing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import atomic_write_text, cache_root, files_key, stable_hash
+from .cache import cache_root, files_key, read_memo, stable_hash, write_memo
 from .errors import DataError, DataValidationError
 from .storage import (IMAGE_KEY, LABEL_KEY, H5Volume, MemoryVolume, MissingReaderError, NiftiVolume, image_files,
                       is_itk_file, open_image)
@@ -268,12 +267,7 @@ def check_cases(dataset: CaseDataset, cases: Iterable[str], *, cache: bool = Tru
     num_classes = dataset.num_classes
     ids = [vid for case in dict.fromkeys(cases) for vid in dataset.volumes_of(case)]
     store = cache_root() / "checked" / f"{stable_hash([str(dataset.root or dataset.name), num_classes])}.json"
-    verdicts: dict[str, list[list[str]]] = {}
-    if cache and store.is_file():
-        try:
-            verdicts = json.loads(store.read_text())
-        except (OSError, ValueError):
-            verdicts = {}  # a damaged cache file costs one re-check, nothing else
+    verdicts: dict[str, list[list[str]]] = read_memo(store) if cache else {}
     problems: list[tuple[str, str]] = []
     files_read, changed = 0, False
     for vid in ids:
@@ -296,10 +290,7 @@ def check_cases(dataset: CaseDataset, cases: Iterable[str], *, cache: bool = Tru
             verdicts[key] = [list(pm) for pm in ck.report.problems]
             changed = True
     if cache and changed:
-        try:
-            atomic_write_text(store, json.dumps(verdicts))
-        except OSError:
-            pass  # a read-only cache only costs the next run a re-check
+        write_memo(store, verdicts)
     if problems:
         path, msg = problems[0]
         more = len(problems) - 1
