@@ -5,7 +5,10 @@ inference (2D networks) or the Gaussian sliding window (3D networks, overlap 0.5
 forward pass), then the argmax. Variants, on the same volumes, timed round-robin in one process
 (``_timing.time_round_robin``; one sample = all the volumes of the set):
 
-  eager        ``sslseg.infer(model, volume)`` with the ``nn.Module`` (sslseg's sliding-window ops)
+  eager        ``sslseg.infer(model, volume, amp="none")`` with the ``nn.Module`` (sslseg's
+               sliding-window ops), float32
+  eager_auto   the same in the default precision (``amp="auto"``: bf16 autocast where the device
+               computes bf16 natively, else float32 again)
   torchscript  ``sslseg.infer(torch.jit.load(file), volume)``: the file ``sslseg.export`` writes,
                in the same pipeline
   onnxruntime  ``export/onnx/sslseg_onnx_infer.py`` (``OnnxSegmenter.predict``): numpy
@@ -87,8 +90,10 @@ def bench_case(name: str, spec: tuple, workdir: Path, rounds: int, threads: int,
         eager = model.to(dev)
         scripted = torch.jit.load(str(ts_path), map_location=dev).eval()
         variants = {
-            "eager": lambda m=eager, d=dev: [sslseg.infer(m, v, record=record, device=d) for v in volumes],
-            "torchscript": lambda m=scripted, d=dev: [sslseg.infer(m, v, record=record, device=d) for v in volumes],
+            "eager": lambda m=eager, d=dev: [sslseg.infer(m, v, record=record, device=d, amp="none") for v in volumes],
+            "eager_auto": lambda m=eager, d=dev: [sslseg.infer(m, v, record=record, device=d) for v in volumes],
+            "torchscript": lambda m=scripted, d=dev: [sslseg.infer(m, v, record=record, device=d, amp="none")
+                                                      for v in volumes],
         }
         provider = "CPUExecutionProvider" if dev == "cpu" else "CUDAExecutionProvider"
         note = None

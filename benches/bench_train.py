@@ -1,5 +1,7 @@
-"""Bench: training throughput (iterations/s) of every method through sslseg's one loop, and the
-Mean Teacher loop written the SSL4MIS way as the baseline.
+"""Bench: training throughput (iterations/s) of every method through sslseg's one loop, in float32
+and in the default precision (``amp="auto"``: bf16 autocast where the CPU or GPU computes bf16
+natively), against the Mean Teacher loop written the SSL4MIS way in float32 (SSL4MIS has no mixed
+precision) as the baseline.
 
 The SSL4MIS-style baseline uses the same network, batches, optimizer and losses as sslseg's
 ``mean_teacher`` but SSL4MIS's habits: a per-parameter Python EMA loop (parameters only), a Dice
@@ -9,12 +11,18 @@ logging, and the learning rate rewritten every step.
 Sizes: SSL4MIS trains 2D with batch 24 (12 labeled) of 256^2 and 3D with batch 4 (2 labeled) of
 96^3. On a CPU those are scaled down by the printed factor (patch side), keeping the batch.
 
-Usage: python benches/bench_train.py [--smoke] [--methods a,b] [--steps N] [--device cpu|cuda] [--out PATH]
+Each method is timed in both precisions, and the baseline beside them, over ``--rounds``
+interleaved rounds (median), so a slow phase of a shared machine hits every column alike.
+Targets: mean_teacher (the same step as the baseline) >= 1.2x the baseline in float32, and
+mean_teacher and cps >= 1.5x it in the default precision.
+
+Usage: python benches/bench_train.py [--smoke] [--methods a,b] [--steps N] [--rounds R] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -29,22 +37,24 @@ from _timing import metadata, write_json  # noqa: E402
 from sslseg.engine import EngineConfig, Trainer  # noqa: E402
 from sslseg.methods import get_method, list_methods  # noqa: E402
 from sslseg.methods.mean_teacher import teacher_noise  # noqa: E402
+from sslseg.utils.precision import resolve_amp  # noqa: E402
 
 DATA = {2: "synthetic:acdc?cases=20&slices=8&size={size}", 3: "synthetic:la?cases=8&size={size}"}
 
 
-def _engine(dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path, name: str) -> EngineConfig:
+def _engine(dim: int, patch: int, batch: int, steps: int, device: str, amp: str = "none") -> EngineConfig:
     size = patch if dim == 2 else max(patch + 8, 32)
     return EngineConfig(data=DATA[dim].format(size=size), labeled=0.5 if dim == 3 else 5, iterations=2 * steps,
                         batch_size=batch, labeled_bs=batch // 2, patch_size=[patch] * dim, val_every=10**9,
-                        log_every=steps, progress=False, device=device, val_cases=1)
+                        log_every=steps, progress=False, quiet=True, device=device, val_cases=1, amp=amp)
 
 
-def bench_method(name: str, dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path) -> float:
+def bench_method(name: str, dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path,
+                 amp: str = "none") -> float:
     """Iterations/s of sslseg's loop over ``steps`` steps after ``steps`` warm-up steps."""
     cls = get_method(name)
-    trainer = Trainer(cls, _engine(dim, patch, batch, steps, device, tmp, name), out_dir=tmp / f"{name}{dim}")
-    run = trainer.run()
+    run_dir = tempfile.mkdtemp(prefix=f"{name}{dim}-{amp}-", dir=tmp)
+    run = Trainer(cls, _engine(dim, patch, batch, steps, device, amp), out_dir=run_dir).run()
     return run.history[-1]["it_per_s"]
 
 
@@ -64,7 +74,7 @@ def _ssl4mis_dice(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def bench_ssl4mis_mean_teacher(dim: int, patch: int, batch: int, steps: int, device: str, tmp: Path) -> float:
     """The same Mean Teacher step, the SSL4MIS way; iterations/s after ``steps`` warm-up steps."""
     cls = get_method("mean_teacher")
-    trainer = Trainer(cls, _engine(dim, patch, batch, steps, device, tmp, "ssl4mis"), out_dir=tmp / f"ssl4mis{dim}")
+    trainer = Trainer(cls, _engine(dim, patch, batch, steps, device), out_dir=tempfile.mkdtemp(prefix="ssl4mis-", dir=tmp))
     student, teacher = trainer.method.nets["student"], trainer.method.teachers["teacher"]
     opt = trainer.optimizer
     batches = trainer.loader.forever()
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--methods", default=None, help="comma-separated (default: all)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median taken (default 3; --smoke 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dims", default="2,3")
     p.add_argument("--out", default=None)
@@ -118,29 +129,48 @@ def main(argv: list[str] | None = None) -> int:
         3: (96 if gpu else 32, 4) if not args.smoke else (32, 2),
     }
     steps = args.steps or (2 if args.smoke else 10)
+    rounds = args.rounds or (1 if args.smoke else 3)
     methods = args.methods.split(",") if args.methods else (["supervised", "mean_teacher"] if args.smoke else list_methods())
     dims = [int(d) for d in args.dims.split(",")]
+    auto = resolve_amp("auto", args.device)
+    print(f"default precision on {args.device}: {auto.describe()}")
     rows = []
     tmp_dir = tempfile.TemporaryDirectory(prefix="sslseg-bench-train-")
     tmp = Path(tmp_dir.name)
     for dim in dims:
         patch, batch = cfg[dim]
         full = 256 if dim == 2 else 96
-        print(f"{dim}D: batch {batch} ({batch // 2} labeled), patch {patch}^{dim} (SSL4MIS {full}^{dim}: scale {patch / full:.3g})")
-        base = bench_ssl4mis_mean_teacher(dim, patch, batch, steps, args.device, tmp)
-        rows.append({"method": "ssl4mis_mean_teacher_loop", "dim": dim, "it_per_s": base})
-        print(f"  {'SSL4MIS-style mean_teacher loop':34s} {base:8.3f} it/s")
-        for name in methods:
-            if dim not in get_method(name).dims:
-                continue
-            ips = bench_method(name, dim, patch, batch, steps, args.device, tmp)
-            ratio = ips / base
-            rows.append({"method": name, "dim": dim, "it_per_s": ips, "x_ssl4mis_mt": ratio})
-            note = "  <- vs SSL4MIS-style loop (target >= 1.2x)" if name == "mean_teacher" else ""
-            print(f"  {name:34s} {ips:8.3f} it/s  {ratio:5.2f}x{note}")
+        print(f"{dim}D: batch {batch} ({batch // 2} labeled), patch {patch}^{dim} (SSL4MIS {full}^{dim}: scale "
+              f"{patch / full:.3g}); median of {rounds} interleaved round(s) of {steps} steps")
+        names = [m for m in methods if dim in get_method(m).dims]
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            times.setdefault(("ssl4mis", "none"), []).append(
+                bench_ssl4mis_mean_teacher(dim, patch, batch, steps, args.device, tmp))
+            for name in names:
+                for amp in ("none", "auto"):
+                    times.setdefault((name, amp), []).append(
+                        bench_method(name, dim, patch, batch, steps, args.device, tmp, amp))
+        base = statistics.median(times[("ssl4mis", "none")])
+        rows.append({"method": "ssl4mis_mean_teacher_loop", "dim": dim, "precision": "fp32", "it_per_s": base,
+                     "rounds": times[("ssl4mis", "none")]})
+        print(f"  {'SSL4MIS-style mean_teacher loop':34s} fp32 {base:8.3f} it/s")
+        print(f"  {'method':34s} {'fp32 it/s':>9s} {'x base':>7s} {'auto it/s':>10s} {'x base':>7s} {'auto/fp32':>9s}")
+        for name in names:
+            fp32, dflt = statistics.median(times[(name, "none")]), statistics.median(times[(name, "auto")])
+            rows.append({"method": name, "dim": dim, "precision": "fp32", "it_per_s": fp32, "x_ssl4mis_mt": fp32 / base,
+                         "rounds": times[(name, "none")]})
+            rows.append({"method": name, "dim": dim, "precision": f"auto ({auto.chosen})", "it_per_s": dflt,
+                         "x_ssl4mis_mt": dflt / base, "x_fp32": dflt / fp32, "rounds": times[(name, "auto")]})
+            note = ""
+            if name in ("mean_teacher", "cps"):
+                note = "  <- targets: auto >= 1.5x" + (", fp32 >= 1.2x" if name == "mean_teacher" else "")
+            print(f"  {name:34s} {fp32:9.3f} {fp32 / base:6.2f}x {dflt:10.3f} {dflt / base:6.2f}x "
+                  f"{dflt / fp32:8.2f}x{note}")
     tmp_dir.cleanup()
     out = args.out or f"benches/results/train_{args.device}{'_smoke' if args.smoke else ''}.json"
-    write_json(out, {"bench": "train", "meta": metadata(args.device), "steps": steps, "sizes": cfg, "results": rows})
+    write_json(out, {"bench": "train", "meta": metadata(args.device), "steps": steps, "rounds": rounds, "sizes": cfg,
+                     "default_precision": auto._asdict(), "results": rows})
     print(f"wrote {out}")
     return 0
 

@@ -10,6 +10,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from sslseg.utils.precision import AMP_CHOICES
+
 # Modules with a ``register_cli(subparsers)`` function, in the order of ``sslseg --help``.
 _CLI_MODULES = (
     "sslseg.data.cli",
@@ -113,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16"))
+    p.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                   help="mixed precision (default auto: bf16 where the CPU/GPU has it natively, else float32; "
+                        "none forces float32)")
     p.add_argument("--config", default=None, help="YAML file {engine: {...}, method: {...}} (e.g. a run's config.yaml)")
     p.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine or method option (repeatable)")

@@ -381,7 +381,7 @@ def _verify_pipeline(model, record, run_file, real, path: Path) -> list[dict[str
             volumes.append(("real", image))
     checks = []
     for kind, vol in volumes:
-        expected = infer(model, vol, record=record, device="cpu", spacing=spacing)
+        expected = infer(model, vol, record=record, device="cpu", spacing=spacing, amp="none")  # the file is float32
         with torch.no_grad():
             got = run_file(vol) if spacing is None else run_file(vol, spacing)
         if got.shape != expected.shape:

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from sslseg.utils.precision import AMP_CHOICES
+
 __all__ = ["INPUT_EXTENSIONS", "infer", "register_cli"]
 
 #: File types :func:`infer` reads (and writes back).
@@ -192,7 +194,7 @@ def _warn_spacing(where: str, spacing: Sequence[float] | None, record: dict[str,
 
 
 def _predict(model, image: np.ndarray, record: dict[str, Any], *, preprocessing, spacing, probabilities: bool,
-             tta: bool, device, where: str):
+             tta: bool, device, where: str, autocast_dtype=None):
     """Labels ``(D, H, W)`` int64 (and probabilities ``(K, D, H, W)``) on ``device``, on the input's grid."""
     import torch
 
@@ -203,7 +205,8 @@ def _predict(model, image: np.ndarray, record: dict[str, Any], *, preprocessing,
     check_image(torch.from_numpy(image), int(record["in_channels"]), where)
     x = torch.from_numpy(image).to(device)
     kwargs = dict(dim=int(record["dim"]), patch_size=[int(p) for p in record["patch_size"]], tta=tta,
-                  in_channels=int(record["in_channels"]), name=where, preprocessing=preprocessing, spacing=spacing)
+                  in_channels=int(record["in_channels"]), name=where, preprocessing=preprocessing, spacing=spacing,
+                  autocast_dtype=autocast_dtype)
     if not probabilities:
         return predict_volume(model, x, output="labels", **kwargs), None
     probs = predict_volume(model, x, output="probs", **kwargs)
@@ -360,6 +363,7 @@ def infer(
     record: dict[str, Any] | None = None,
     progress: bool | None = None,
     spacing: Sequence[float] | None = None,
+    amp: str | None = "auto",
 ):
     """Segment volumes given as arrays or files with a trained network.
 
@@ -386,6 +390,9 @@ def infer(
             planned model needs it (the input is resampled to the plan's spacing
             and the prediction back); for other models a 3D input more than 25% off the training
             spacing triggers a warning, and h5 outputs store it.
+        amp: Precision of the network's forward passes: ``"auto"`` (bf16 autocast where the
+            device computes bf16 natively, else float32), ``"none"``, ``"bf16"`` or ``"fp16"``
+            (CUDA); see :mod:`sslseg.utils.precision`. Probabilities and resampling stay float32.
 
     Returns:
         For an array: the label map ``(D, H, W)`` int64 tensor (on the input's device for a
@@ -406,6 +413,7 @@ def infer(
     from sslseg.engine.run import resolve_model
 
     from sslseg.inference.preprocessing import Preprocessing
+    from sslseg.utils.precision import resolve_amp
 
     network, rec, _ = resolve_model(model, record=record, device=device, caller="infer", argument="model")
     if intensity is not None:
@@ -415,7 +423,8 @@ def infer(
     if device is not None:
         network.to(device)
     run_device = torch.device(device) if device is not None else _model_device(network)
-    options = dict(preprocessing=preprocessing, probabilities=bool(probabilities), tta=bool(tta), device=run_device)
+    options = dict(preprocessing=preprocessing, probabilities=bool(probabilities), tta=bool(tta), device=run_device,
+                   autocast_dtype=resolve_amp(amp, run_device).dtype)
 
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         if out is not None:
@@ -489,7 +498,7 @@ def _check_collisions(cases: list[_Case], planned: list[list[Path]]) -> None:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     written = infer(args.model, args.inputs, args.out, probabilities=args.probabilities, tta=args.tta,
-                    device=args.device, intensity=args.intensity, progress=None, spacing=args.spacing)
+                    device=args.device, intensity=args.intensity, progress=None, spacing=args.spacing, amp=args.amp)
     for path in written:
         print(path)
     return 0
@@ -508,6 +517,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write class probabilities")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="precision of the forward passes (default auto: bf16 where the CPU/GPU has it natively)")
     p.add_argument("--intensity", default=None, choices=("zscore", "minmax", "none"),
                    help="override the per-volume normalisation of a model without a plan (none: inputs already "
                         "normalised, the default for models trained on h5 files)")

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from sslseg.utils.precision import AMP_CHOICES
+
 __all__ = ["EngineConfig", "apply_overrides", "config_to_dict", "load_yaml", "parse_set", "resolve_method_options",
            "update_dataclass"]
 
@@ -60,7 +62,11 @@ class EngineConfig:
         val_every: Validate (and checkpoint) every N steps, and at the end.
         val_cases: Validate on at most this many validation cases (None: all).
         log_every: Sync and record logged values every N steps (no per-step host syncs).
-        amp: None, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast + GradScaler, CUDA).
+        amp: ``auto`` (default): bf16 autocast where the device computes bf16 natively (CUDA
+            sm_80+, CPUs with avx512_bf16 or AMX), float32 elsewhere; ``none`` (or None): float32;
+            ``bf16``: bf16 autocast (CPU or CUDA); ``fp16``: autocast + GradScaler (CUDA). Losses,
+            consistency targets, the EMA update and metrics stay float32
+            (:mod:`sslseg.utils.precision`). The choice is in the run header and ``config.yaml``.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN autotuning.
         channels_last: Train in channels_last(_3d) memory format.
         num_workers: DataLoader workers.
@@ -114,7 +120,7 @@ class EngineConfig:
     val_every: int = 200
     val_cases: int | None = None
     log_every: int = 20
-    amp: str | None = None
+    amp: str | None = "auto"
     deterministic: bool = False
     channels_last: bool = False
     num_workers: int = 0
@@ -134,7 +140,7 @@ class EngineConfig:
             ("iterations", isinstance(self.iterations, int) and self.iterations > 0, "an int > 0"),
             ("val_every", isinstance(self.val_every, int) and self.val_every > 0, "an int > 0"),
             ("log_every", isinstance(self.log_every, int) and self.log_every > 0, "an int > 0"),
-            ("amp", self.amp in (None, "bf16", "fp16"), "None, 'bf16' or 'fp16'"),
+            ("amp", self.amp is None or self.amp in AMP_CHOICES, "one of " + ", ".join(AMP_CHOICES)),
             ("split_order", self.split_order in ("random", "ssl4mis"), "'random' or 'ssl4mis'"),
             ("base_lr", isinstance(self.base_lr, (int, float)) and self.base_lr > 0, "a number > 0"),
             ("batch_size", self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size > 0), "None or an int > 0"),
@@ -186,14 +192,18 @@ def update_dataclass(obj: Any, values: Mapping[str, Any], *, where: str) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a run config file: ``{"engine": {...}, "method": {...}}`` (either part optional)."""
+    """Read a run config file: ``{"engine": {...}, "method": {...}}`` (either part optional).
+
+    A run's own ``config.yaml`` also holds ``method_name`` and ``precision`` (what ``amp`` chose on
+    the machine that wrote it); both are records, and ``precision`` is chosen again on reading.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or not set(data) <= {"engine", "method", "method_name"}:
+    if not isinstance(data, dict) or not set(data) <= {"engine", "method", "method_name", "precision"}:
         raise TypeError(
-            f"config: {path} must be a mapping with keys 'engine' and/or 'method' (and 'method_name'), "
+            f"config: {path} must be a mapping with keys 'engine' and/or 'method' (and 'method_name', 'precision'), "
             f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}"
         )
     return data

@@ -39,6 +39,7 @@ from sslseg.engine.validation import validate
 from sslseg.methods.base import NetworkSpec, SSLMethod, StepContext, get_method
 from sslseg.utils import distributed as dist
 from sslseg.utils.schedules import consistency_weight, poly_lr, sigmoid_rampup
+from sslseg.utils.precision import resolve_amp
 
 __all__ = ["NonFiniteLossError", "Trainer", "fit"]
 
@@ -204,7 +205,8 @@ def fit(
         seed: Seed of the split, networks, batches and augmentations.
         out_dir: Run directory (default ``runs/<method>-<data>-l<labeled>-s<seed>-<time>``).
         device: ``cpu`` / ``cuda[:i]``; default CUDA if available.
-        amp: None, ``"bf16"`` or ``"fp16"`` (CUDA only).
+        amp: ``"auto"`` (the config default: bf16 where the device has it natively), ``"none"``,
+            ``"bf16"`` or ``"fp16"`` (CUDA only); see :mod:`sslseg.utils.precision`.
         resume: A run directory: continue it from its ``last.pt`` (its saved config is used;
             ``iterations`` may be raised to train longer).
         config: A YAML file (or dict) ``{"engine": {...}, "method": {...}}`` overlaying the
@@ -302,12 +304,10 @@ class Trainer:
         import sslseg.data
 
         cls, eng, mcfg, world, rank = self.cls, self.eng, self.mcfg, self.dist.world_size, self.dist.rank
-        if eng.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("amp='fp16' needs a CUDA device (it uses a GradScaler); use amp='bf16' on CPU")
+        resolve_amp(eng.amp, self.device)  # a bad value or fp16 off CUDA is refused before the data loads
         if eng.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ValueError(f"sync_bn=True needs CUDA devices (torch's SyncBatchNorm has no {self.device.type} "
                              "kernel); use sync_bn=False on the CPU")
-        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[eng.amp]
         self.tensorboard = use_tensorboard(eng.tensorboard)
         _seed_everything(eng.seed)
         if eng.deterministic:
@@ -316,6 +316,8 @@ class Trainer:
         self.dataset = sslseg.data.load(eng.data, num_classes=eng.num_classes)
         self._prepare_data(out_dir)
         self.dim = self.dataset.dim
+        self.precision = resolve_amp(eng.amp, self.device, dim=self.dim, training=True)
+        self.amp_dtype = self.precision.dtype
         if eng.ssl4mis_aug and self.dim != 2:
             raise ValueError(f"ssl4mis_aug=True is SSL4MIS's 2D resampling; {eng.data} is {self.dim}D data")
         labeled = _labeled_value(eng.labeled)
@@ -362,7 +364,7 @@ class Trainer:
         params = list(self.method.trainable_parameters())
         self.optimizer = torch.optim.SGD(params, lr=eng.base_lr, momentum=eng.momentum, weight_decay=eng.weight_decay)
         self.extra_optimizers = self.method.extra_optimizers()
-        self.scaler = torch.amp.GradScaler("cuda") if eng.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.chosen == "fp16" else None
         bs = eng.batch_size or (plan.batch_size if plan is not None else (24 if self.dim == 2 else 4))
         lbs = eng.labeled_bs or max(1, bs // 2)
         if lbs > bs:
@@ -534,6 +536,7 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         resolved = {"method_name": self.cls.name, "engine": config_to_dict(self.eng), "method": config_to_dict(self.mcfg)}
         resolved["engine"]["patch_size"] = list(self.patch)
+        resolved["precision"] = self.precision._asdict()  # what amp chose on this device, and why
         tmp = self.dir / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
         tmp.replace(self.dir / "config.yaml")
@@ -670,7 +673,7 @@ class Trainer:
             f"{len(split.val_cases)} val / {len(split.test_cases)} test cases | batch {self.labeled_bs} labeled + "
             f"{self.unlabeled_bs} unlabeled | patch {'x'.join(str(p) for p in self.patch)}",
             f"network: {self.spec.model}, {n_eval:,} parameters (evaluated network), {n_trained:,} trained",
-            f"device: {device} | threads {torch.get_num_threads()} | AMP {eng.amp or 'off'}",
+            f"device: {device} | threads {torch.get_num_threads()} | AMP {self.precision.describe()}",
             f"schedule: {eng.iterations} steps{start} | log every {eng.log_every} | validate every "
             f"{eng.val_every} on {len(val_cases)} case(s) ({val_volumes} volumes) | run dir {self.dir}",
         ]

@@ -1,6 +1,8 @@
-"""Step-time helpers any layer may call: collectives (:mod:`sslseg.utils.distributed`) and schedules.
+"""Step-time helpers any layer may call: collectives (:mod:`sslseg.utils.distributed`), schedules
+and the precision rule of ``amp="auto"`` (:mod:`sslseg.utils.precision`).
 
-Only these two rooms live here, so losses and methods can use them without importing the engine.
+Only these rooms live here, so losses, inference and methods can use them without importing the
+engine.
 """
 
 from sslseg.utils.schedules import consistency_weight, poly_lr, sigmoid_rampup

@@ -19,6 +19,7 @@ from sslseg.data.storage import normalize_intensity
 from sslseg.engine.run import MODEL_FORMAT, model_record
 from sslseg.inference import predict_volume
 from sslseg.models import create_model
+from sslseg.utils.precision import autocast_dtype
 
 def _volume(shape, seed=0, channels=1) -> torch.Tensor:
     """A raw volume (CT-like offset and scale, so that normalisation matters)."""
@@ -48,7 +49,9 @@ def test_array_equals_predict_volume_on_normalised_input(runs, dim):
     vol = _volume((5, 40, 24) if dim == 2 else (20, 24, 18))
     labels = sslseg.infer(run.model, vol)
     x = torch.from_numpy(normalize_intensity(vol.numpy(), run.record["intensity"]))
-    expected = predict_volume(run.model, x, dim=dim, patch_size=run.record["patch_size"])
+    # infer's default precision is amp="auto": the rule of sslseg.utils.precision on this CPU
+    expected = predict_volume(run.model, x, dim=dim, patch_size=run.record["patch_size"],
+                              autocast_dtype=autocast_dtype("auto", "cpu"))
     assert labels.dtype == torch.int64 and labels.shape == vol.shape[1:]
     assert torch.equal(labels, expected)
     # (D, H, W) and numpy inputs give the same labels; a run, its directory and its model file too.
@@ -78,7 +81,8 @@ def test_tta_and_intensity_override(runs):
     # "none" passes data already normalised: the same labels as normalising the raw volume.
     assert torch.equal(sslseg.infer(run.model, torch.from_numpy(x), intensity="none"), sslseg.infer(run.model, vol))
     tta = sslseg.infer(run.model, vol, tta=True)
-    expected = predict_volume(run.model, torch.from_numpy(x), dim=3, patch_size=run.record["patch_size"], tta=True)
+    expected = predict_volume(run.model, torch.from_numpy(x), dim=3, patch_size=run.record["patch_size"], tta=True,
+                              autocast_dtype=autocast_dtype("auto", "cpu"))
     assert torch.equal(tta, expected)
 
 

@@ -16,6 +16,7 @@ from sslseg.app import cli
 from sslseg.engine import EngineConfig, Trainer
 from sslseg.engine.logger import RunLogger, format_train_line, format_validation_line
 from sslseg.engine.loop import NonFiniteLossError
+from sslseg.utils.precision import resolve_amp
 
 DATA = "synthetic:acdc?cases=10&size=32&slices=3"
 FIT = ["fit", "mean_teacher", "--data", DATA, "--labeled", "2", "--iterations", "4", "--set", "batch_size=4",
@@ -36,7 +37,8 @@ def test_fit_off_a_terminal_prints_header_log_and_validation_lines(tmp_path):
     assert out[0].startswith("sslseg ") and "mean_teacher on synthetic:acdc" in out[0] and "4 classes" in out[0]
     assert out[1].startswith("split: 2 labeled / ") and " val / " in out[1] and " test cases" in out[1]
     assert out[2].startswith("network: unet, ") and "parameters" in out[2]
-    assert out[3].startswith("device: cpu") and "| threads " in out[3] and "AMP off" in out[3]
+    amp = resolve_amp("auto", "cpu").describe()  # the default, with what it chose on this CPU and why
+    assert out[3].startswith("device: cpu") and "| threads " in out[3] and out[3].endswith(f"| AMP {amp}")
     steps = [line for line in out if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["2/4", "4/4"]
     for line in steps:

@@ -32,7 +32,7 @@ def planned(tmp_path_factory):
     scan = resample_image(image, spacing, target)
     scan[:, :, :2] = 0.0  # zero slabs: the nonzero box is smaller than the scan
     scan[:, :, :, -3:] = 0.0
-    labels = sslseg.infer(run, scan, spacing=target).numpy()
+    labels = sslseg.infer(run, scan, spacing=target, amp="none").numpy()  # exported files are float32
     np.save(root / "scan.npy", scan)
     return dict(run=run, target=target, scan=scan, labels=labels, spacing=spacing, image=image, dir=root)
 

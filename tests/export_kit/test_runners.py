@@ -87,7 +87,8 @@ def kit(tmp_path_factory):
     cases = {}
     for dim in (2, 3):
         model, record, image = _case(dim)
-        labels, probs = sslseg.infer(model, image, record=record, probabilities=True, device="cpu")
+        labels, probs = sslseg.infer(model, image, record=record, probabilities=True, device="cpu",
+                                    amp="none")  # exported files are float32
         assert len(np.unique(labels.numpy())) > 1, "the test network must predict more than one class"
         ts_path = sslseg.export(model, out / f"m{dim}.pt", record=record).path
         np.save(out / f"v{dim}.npy", image)
