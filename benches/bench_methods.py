@@ -80,6 +80,7 @@ Usage: python benches/bench_methods.py [--smoke] [--jobs N] [--scale F] [--devic
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -267,6 +268,21 @@ def priority(run: BenchRun, grids: Sequence[Grid], seeds: Sequence[int]) -> tupl
     tier = 0 if run.method == "supervised" else (1 if first_count and run.method in TARGET_METHODS else 2)
     method_pos = TARGET_METHODS.index(run.method) if tier == 1 else run.grid.methods.index(run.method)
     return (list(seeds).index(run.seed), tier, g, labeled.index(run.labeled), method_pos)
+
+
+def only_runs(runs: Sequence[BenchRun], patterns: Sequence[str]) -> list[BenchRun]:
+    """The runs whose key (``<group>/<method>-l<labeled>-s<seed>``) matches one of the shell-style
+    ``patterns``, in their order; every run when ``patterns`` is empty.
+
+    Raises:
+        ValueError: a pattern that matches no planned run (a typo would otherwise train nothing).
+    """
+    if not patterns:
+        return list(runs)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(r.key, pattern) for r in runs):
+            raise ValueError(f"--only {pattern!r} matches no planned run; keys look like {runs[0].key!r}")
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
 
 
 def plan_runs(grids: Sequence[Grid], seeds: Sequence[int]) -> list[BenchRun]:
@@ -595,6 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start only the runs whose estimated end fits in M minutes of wall time, in priority "
                              "order (default: every run without a record)")
     parser.add_argument("--report-only", action="store_true", help="build the table from the records; train nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="train only the runs whose key matches this shell pattern (repeatable), in priority "
+                             "order, e.g. 'acdc-*/*-l3-*' for every seed of the 3-labeled ACDC cells; the table "
+                             "still shows every planned run")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the step counts (and the time) by this factor (default 1: the table of "
                              "docs/benchmark.md)")
@@ -625,8 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[BenchRun] = []
     if not args.report_only:
         budget_s = None if args.budget_min is None else 60.0 * args.budget_min
-        queue = select_runs(runs, records, budget_s=budget_s, jobs=args.jobs, estimate=estimate)
-        print(f"{len(runs)} runs planned: {len(queue.recorded)} recorded in {records}, {len(queue.todo)} to run now "
+        try:
+            chosen = only_runs(runs, args.only)
+        except ValueError as exc:
+            parser.error(str(exc))
+        queue = select_runs(chosen, records, budget_s=budget_s, jobs=args.jobs, estimate=estimate)
+        print(f"{len(runs)} runs planned" + (f" ({len(chosen)} chosen by --only)" if args.only else "") + ": {len(queue.recorded)} recorded in {records}, {len(queue.todo)} to run now "
               f"(estimated {sum(map(estimate, queue.todo)) / 60 / args.jobs:.1f} min with --jobs {args.jobs})"
               + (f", {len(queue.later)} left for later (budget {args.budget_min:g} min)" if queue.later else ""),
               flush=True)

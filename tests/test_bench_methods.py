@@ -219,3 +219,21 @@ def test_report_only_without_records_trains_nothing(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--budget-min", "0", "--out", str(work)])
     assert "--budget-min must be > 0" in capsys.readouterr().err
+
+
+def test_only_trains_the_matching_runs_in_priority_order(bench, tmp_path, capsys):
+    runs = bench.plan_runs(bench.full_grids(), bench.SEEDS)
+    chosen = bench.only_runs(runs, ["acdc-*/*-l3-*"])
+    assert chosen and all("-l3-" in r.key and r.key.startswith("acdc-") for r in chosen)
+    assert chosen == [r for r in runs if r in chosen]  # priority order kept: seed 0 first, supervised first
+    assert chosen[0].method == "supervised" and chosen[0].seed == 0
+    assert {r.seed for r in chosen} == set(bench.SEEDS)
+    assert len(chosen) == len(bench.list_methods(2)) * len(bench.SEEDS)
+    two = bench.only_runs(runs, ["*/cps-l3-s1", "*/supervised-l3-s1"])
+    assert [r.key.split("/")[1] for r in two] == ["supervised-l3-s1", "cps-l3-s1"]
+    assert bench.only_runs(runs, []) == runs
+    with pytest.raises(ValueError, match=r"--only 'acdc-\*/nope-\*' matches no planned run; keys look like"):
+        bench.only_runs(runs, ["acdc-*/nope-*"])
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--only", "nothing-*", "--out", str(tmp_path / "work")])
+    assert "matches no planned run" in capsys.readouterr().err
