@@ -27,7 +27,14 @@ every variant are compared with eager's (fraction of equal voxels, reported).
 exports). ``--threads N`` sets both torch's and onnxruntime's intra-op threads (default: torch's
 current count, i.e. ``OMP_NUM_THREADS``).
 
-Usage: python benches/bench_inference.py [--smoke] [--threads N] [--rounds N] [--out PATH]
+``--network-only``: why 3D TorchScript and onnxruntime trail eager on the CPU. The 3D network alone
+on one batch of windows (4 x 1 x 48^3, what the sliding window feeds it), timed round-robin:
+eager float32, eager under bf16 autocast, the exported TorchScript file as loaded, the same file
+frozen and passed through ``torch.jit.optimize_for_inference``, and onnxruntime with the runner's
+session options at each graph optimisation level. Writes
+``benches/results/inference_network_3d.json``.
+
+Usage: python benches/bench_inference.py [--smoke] [--network-only] [--threads N] [--rounds N] [--out PATH]
 """
 
 from __future__ import annotations
@@ -124,11 +131,55 @@ def bench_case(name: str, spec: tuple, workdir: Path, rounds: int, threads: int,
     return rows
 
 
+def bench_network(spec: tuple, workdir: Path, rounds: int, threads: int) -> list[dict]:
+    """The 3D network alone on one batch of 4 windows: eager, TorchScript and onnxruntime variants."""
+    import onnxruntime as ort
+
+    model_name, options, classes, data, patch, _ = spec
+    model = create_model(model_name, 1, classes, seed=0, **options).eval()
+    record = {"model": model_name, "dim": 3, "patch_size": patch, "in_channels": 1, "num_classes": classes,
+              "intensity": "zscore", "data": data}
+    ts_path = sslseg.export(model, workdir / "net3d.pt", record=record, verify=False).path
+    onnx_path = sslseg.export(model, workdir / "net3d.onnx", record=record, verify=False).path
+    x = torch.randn(4, 1, *patch, generator=torch.Generator().manual_seed(0))
+    scripted = torch.jit.load(str(ts_path)).eval()
+    frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.load(str(ts_path)).eval()))
+    variants = {"eager": lambda: model(x)}
+    variants["eager_bf16"] = lambda: _autocast_call(model, x)
+    variants["torchscript"] = lambda: scripted(x)
+    variants["torchscript_frozen"] = lambda: frozen(x)
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all (runner default)": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    feed = {"x": x.numpy()}
+    for label, level in levels.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        variants[f"onnxruntime {label}"] = lambda s=sess, n=name: s.run(None, {n: feed["x"]})
+    with torch.inference_mode():
+        timings = time_round_robin(variants, rounds=rounds, min_sample_s=0.0)
+        reference = model(x)
+        for compiled in (scripted, frozen):
+            torch.testing.assert_close(compiled(x), reference, atol=1e-3, rtol=1e-3)
+    return [{"case": f"{model_name} {tuple(x.shape)}", "variant": k, **v,
+             "x_eager": v["min_ms"] / timings["eager"]["min_ms"]} for k, v in timings.items()]
+
+
+def _autocast_call(model, x):
+    with torch.autocast("cpu", torch.bfloat16):
+        return model(x)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny networks and volumes, 2 rounds (CI)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of torch and onnxruntime")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--network-only", action="store_true",
+                   help="the 3D network alone: eager, TorchScript (as loaded, frozen) and onnxruntime levels")
     p.add_argument("--out", default=None, help="JSON path (default benches/results/inference[_smoke].json)")
     args = p.parse_args(argv)
     if args.threads:
@@ -136,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     rounds = args.rounds or (2 if args.smoke else 5)
     warnings.filterwarnings("ignore", module="torch")  # torch.jit / onnx exporter deprecation notices
+    if args.network_only:
+        spec = (SMOKE if args.smoke else FULL)["3d_la"]
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_network(spec, Path(tmp), rounds, threads)
+        print(f"3D network alone, one batch of windows, {threads} thread(s), ms (best / median of {rounds} rounds)")
+        for r in rows:
+            print(f"  {r['variant']:32s} {r['min_ms']:9.1f} / {r['median_ms']:9.1f}   {r['x_eager']:.2f}x eager")
+        out = args.out or f"benches/results/inference_network_3d{'_smoke' if args.smoke else ''}.json"
+        write_json(out, {"bench": "inference_network_3d", "meta": metadata("cpu"), "threads": threads,
+                         "rounds": rounds, "results": rows})
+        print(f"wrote {out}")
+        return 0
     runner = _runner()
     cases = SMOKE if args.smoke else FULL
     rows = []

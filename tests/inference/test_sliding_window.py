@@ -236,3 +236,41 @@ def test_labels_argmax_matches_torch_ties_and_nan():
     x[1, :, 2, 2] = float("nan")
     assert torch.equal(_argmax1(x), x.argmax(1))
     assert torch.equal(_argmax1(x[:, :1]), torch.zeros(2, 5, 6, dtype=torch.int64))
+
+
+def test_fresh_volume_buffers_are_advised_as_huge_pages(monkeypatch):
+    """Big CPU buffers get madvise(MADV_HUGEPAGE) on their 2 MiB-aligned interior, before any write;
+    small ones, and everything while tracing, are plain torch.empty."""
+    import sys
+
+    import sslseg.inference.sliding as sliding
+
+    calls = []
+
+    class FakeLibc:
+        def madvise(self, start, length, advice):
+            calls.append((start.value, length.value, advice))
+            return 0
+
+    monkeypatch.setattr(sliding, "_libc", FakeLibc())
+    t = sliding._empty((1, 2, 128, 128, 64), torch.float32, torch.device("cpu"))  # 8 MiB
+    assert t.shape == (1, 2, 128, 128, 64) and t.dtype == torch.float32
+    if sys.platform.startswith("linux"):
+        (start, length, advice), = calls
+        huge = sliding._HUGE_PAGE
+        assert advice == 14 and start % huge == 0 and length % huge == 0 and length > 0
+        assert t.data_ptr() <= start and start + length <= t.data_ptr() + t.nbytes
+    else:
+        assert calls == []
+    calls.clear()
+    sliding._empty((4, 4), torch.float32, torch.device("cpu"))
+    assert calls == []
+    t.fill_(3.0)
+    assert float(t.sum()) == 3.0 * t.numel()
+    # The blend of a volume is the same through these buffers (the kernel writes every voxel).
+    vol = torch.randn(1, 1, 40, 36, 30)
+    net = lambda x: torch.cat([x, -x], 1)  # noqa: E731
+    a = sliding_window(net, vol, roi_size=(16, 16, 16), sw_batch_size=2)
+    monkeypatch.setattr(sliding, "_HUGE_PAGE", 1 << 12)  # every buffer above 8 KiB goes through madvise
+    b = sliding_window(net, vol, roi_size=(16, 16, 16), sw_batch_size=2)
+    assert torch.equal(a, b) and calls
