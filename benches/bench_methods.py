@@ -650,8 +650,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         queue = select_runs(chosen, records, budget_s=budget_s, jobs=args.jobs, estimate=estimate)
-        print(f"{len(runs)} runs planned" + (f" ({len(chosen)} chosen by --only)" if args.only else "") + ": {len(queue.recorded)} recorded in {records}, {len(queue.todo)} to run now "
-              f"(estimated {sum(map(estimate, queue.todo)) / 60 / args.jobs:.1f} min with --jobs {args.jobs})"
+        only = f" ({len(chosen)} chosen by --only)" if args.only else ""
+        print(f"{len(runs)} runs planned{only}: {len(queue.recorded)} recorded in {records}, {len(queue.todo)} to run "
+              f"now (estimated {sum(map(estimate, queue.todo)) / 60 / args.jobs:.1f} min with --jobs {args.jobs})"
               + (f", {len(queue.later)} left for later (budget {args.budget_min:g} min)" if queue.later else ""),
               flush=True)
         if queue.todo:

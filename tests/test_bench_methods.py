@@ -237,3 +237,10 @@ def test_only_trains_the_matching_runs_in_priority_order(bench, tmp_path, capsys
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--only", "nothing-*", "--out", str(tmp_path / "work")])
     assert "matches no planned run" in capsys.readouterr().err
+
+
+def test_only_is_reported_with_the_counts(bench, tmp_path, capsys):
+    work = tmp_path / "work"
+    bench.main(["--smoke", "--only", "*/supervised-*", "--budget-min", "0.001", "--out", str(work)])
+    out = capsys.readouterr().out
+    assert "runs planned (2 chosen by --only): 0 recorded in" in out and "to run now" in out
