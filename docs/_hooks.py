@@ -13,6 +13,8 @@ from mkdocs.structure.files import File, Files
 #: site path (relative to docs/) -> file relative to the repository root
 EXTERNAL_FILES = {
     "methods_dice_vs_labeled.png": "benches/results/methods_dice_vs_labeled.png",
+    "methods_forest_acdc-cases30-size80-slices2_7.png": "benches/results/methods_forest_acdc-cases30-size80-slices2_7.png",
+    "methods_forest_acdc-cases30-size80-slices2_3.png": "benches/results/methods_forest_acdc-cases30-size80-slices2_3.png",
 }
 
 
