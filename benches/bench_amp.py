@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import metadata, write_json  # noqa: E402
 
 import sslseg  # noqa: E402
+from sslseg.app.report import case_scores  # noqa: E402
 from sslseg.metrics.statistics import paired_bootstrap  # noqa: E402
 from sslseg.utils.precision import resolve_amp  # noqa: E402
 
@@ -74,14 +75,8 @@ AGREEMENT_TARGET, DICE_TARGET = 0.995, 0.002
 
 
 def _case_dice(result) -> dict[str, float]:
-    """Per test case: the mean over its volumes of each volume's mean foreground Dice."""
-    per_volume: dict[tuple[str, str], list[float]] = {}
-    for row in result.rows:
-        per_volume.setdefault((row["case"], row["volume_id"]), []).append(row["dice"])
-    per_case: dict[str, list[float]] = {}
-    for (case, _), values in per_volume.items():
-        per_case.setdefault(case, []).append(statistics.fmean(values))
-    return {case: statistics.fmean(v) for case, v in per_case.items()}
+    """Per test case: the report's case score (mean over its volumes of each volume's mean foreground Dice)."""
+    return {case: v for (case, _, _), v in case_scores({"rows": result.rows, "seed": 0, "fold": None}).items()}
 
 
 def _label_agreement(run, amp: str) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Mixed precision: which autocast dtype a device should run, and why.
 
-``amp="auto"`` (the default of training, ``evaluate`` and ``infer``) picks bfloat16 autocast where
+``amp="auto"`` (the default of training and ``infer``; ``evaluate`` scores in float32 unless
+asked) picks bfloat16 autocast where
 the device computes bfloat16 natively and float32 everywhere else:
 
 * a CUDA GPU whose compute capability has bf16 tensor cores (Ampere, sm_80, and newer), as torch
