@@ -9,7 +9,13 @@ machine without it both runs are float32 and the bench says so):
   ``mean_teacher`` and ``cps``;
 * ``benchmark``: the benchmark's calibrated protocol (benches/bench_methods.py):
   ``synthetic:acdc?cases=30&size=80&slices=2`` at 80x80, 3 labeled patients, 800 steps of batch 8,
-  validation every 100, ``supervised``.
+  validation every 100, ``supervised``;
+* ``la``: the benchmark's 3D protocol: ``synthetic:la?cases=30&size=40``, 8 labeled cases, a
+  half-width 3D U-Net on 32^3 patches (its bottleneck has depth 2), 75 steps of batch 4 (2
+  labeled), ``supervised`` and ``mean_teacher``.
+
+The 2D settings pin the contiguous memory format (``channels_last=False``), as their first records
+were made before ``channels_last="auto"``.
 
 Seeds 0, 1, 2. Every model is scored on its test split with the benchmark's protocol (``best_val``
 checkpoint, mean over the foreground classes per volume, empty policy ``penalty``, no TTA), the
@@ -23,18 +29,19 @@ float32 model in float32 and the default-precision model in the default precisio
 * the learning check under the default precision: mean_teacher and cps above supervised (final
   validation Dice, mean over the seeds, as the learning test measures it).
 
-Before training, the bench probes the defect behind the one exception of the rule (3D training on
-the CPU stays float32, :mod:`sslseg.utils.precision`): a bf16 ``Conv3d`` weight gradient on
-feature maps of depth 2, computed 6 times on the same input, should be the same 6 times; the
-bench reports how many differ and the largest difference (the defect: differing, up to ~1e34 or
-NaN). When it reports none on a new torch, the exception can go.
+Before training, the bench probes the defect behind the one workaround of the rule
+(:mod:`sslseg.utils.precision`: on the CPU, Conv3d layers on depth-2 feature maps train in float32
+under bf16): a bf16 ``Conv3d`` weight gradient, computed 6 times on the same input, should be the
+same 6 times. It reports how many differ and the largest difference under torch's autocast (the
+defect: differing at depth 2, up to ~1e34 or NaN) and under sslseg's training autocast (none may
+differ). When torch's column shows none on a new torch, the workaround can go.
 
 One thread, runs one at a time. Results accumulate in ``benches/results/amp.json`` (rewritten after
 every run, atomically; a later invocation skips the runs it holds), the table goes to
 ``benches/results/amp.md``. Run directories: ``runs/bench_amp/`` (ignored by git). ``--smoke``: a
 tiny phantom, 2 steps, 1 seed, results to a temporary folder (CI).
 
-Usage: python benches/bench_amp.py [--smoke] [--settings learning,benchmark] [--seeds 0 1 2]
+Usage: python benches/bench_amp.py [--smoke] [--settings learning,benchmark,la] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -59,14 +66,21 @@ from _timing import metadata, write_json  # noqa: E402
 import sslseg  # noqa: E402
 from sslseg.app.report import case_scores  # noqa: E402
 from sslseg.metrics.statistics import paired_bootstrap  # noqa: E402
-from sslseg.utils.precision import resolve_amp  # noqa: E402
+from sslseg.utils.precision import autocast, resolve_amp  # noqa: E402
 
 SETTINGS = {
     "learning": dict(data="synthetic:acdc?cases=40&size=64&slices=6", labeled=2, iterations=400,
                      methods=["supervised", "mean_teacher", "cps"],
-                     options=dict(batch_size=8, labeled_bs=4, patch_size=[64, 64], val_every=400, log_every=100)),
+                     options=dict(batch_size=8, labeled_bs=4, patch_size=[64, 64], val_every=400, log_every=100,
+                                  channels_last=False)),
     "benchmark": dict(data="synthetic:acdc?cases=30&size=80&slices=2", labeled=3, iterations=800,
-                      methods=["supervised"], options=dict(batch_size=8, labeled_bs=4, val_every=100, log_every=50)),
+                      methods=["supervised"], options=dict(batch_size=8, labeled_bs=4, val_every=100, log_every=50,
+                                                          channels_last=False)),
+    # The benchmark's 3D protocol: half-width 3D U-Net on 32^3 patches, whose bottleneck has depth 2
+    # (on the CPU, the convolutions there train in float32 under bf16: sslseg.utils.precision).
+    "la": dict(data="synthetic:la?cases=30&size=40", labeled=8, iterations=75, methods=["supervised", "mean_teacher"],
+               options=dict(batch_size=4, labeled_bs=2, patch_size=[32, 32, 32], val_every=25, log_every=25,
+                            model_options={"channels": [8, 16, 32, 64, 128]})),
 }
 SMOKE = {"smoke": dict(data="synthetic:acdc?cases=6&slices=2&size=32", labeled=2, iterations=2, methods=["supervised"],
                        options=dict(batch_size=4, labeled_bs=2, patch_size=[32, 32], val_every=2, log_every=2))}
@@ -102,22 +116,28 @@ def _label_agreement(run, amp: str) -> tuple[int, int]:
 
 def conv3d_defect(repeats: int = 6) -> list[dict]:
     """Per feature-map shape: how many of ``repeats`` identical bf16 Conv3d weight gradients differ
-    from the first, and by how much at most (exact float32 arithmetic would give 0 and 0)."""
+    from the first, and by how much at most, under plain ``torch.autocast`` and under sslseg's
+    training autocast (:func:`sslseg.utils.precision.autocast`, which routes the depth-2 cases to
+    float32); exact arithmetic gives 0 and 0."""
     rows = []
     for shape in [(2, 8, 8), (2, 2, 2), (4, 8, 8), (8, 8, 8)]:
-        torch.manual_seed(0)
-        conv = torch.nn.Conv3d(32, 32, 3, padding=1)
-        x = torch.randn(2, 32, *shape)
-        grads = []
-        for _ in range(repeats):
-            conv.zero_grad()
-            with torch.autocast("cpu", torch.bfloat16):
-                y = conv(x)
-            y.float().square().mean().backward()
-            grads.append(conv.weight.grad.clone())
-        diff = max(float((g - grads[0]).abs().max()) for g in grads)
-        rows.append({"shape": list(shape), "differing": sum(not torch.equal(grads[0], g) for g in grads[1:]),
-                     "max_abs_difference": diff if diff == diff else "nan"})
+        row = {"shape": list(shape)}
+        for name, context in (("torch", lambda: torch.autocast("cpu", torch.bfloat16)),
+                              ("sslseg", lambda: autocast(torch.bfloat16, "cpu", dim=3, training=True))):
+            torch.manual_seed(0)
+            conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+            x = torch.randn(2, 32, *shape)
+            grads = []
+            for _ in range(repeats):
+                conv.zero_grad()
+                with context():
+                    y = conv(x)
+                y.float().square().mean().backward()
+                grads.append(conv.weight.grad.clone())
+            diff = max(float((g - grads[0]).abs().max()) for g in grads)
+            row[name] = {"differing": sum(not torch.equal(grads[0], g) for g in grads[1:]),
+                         "max_abs_difference": diff if diff == diff else "nan"}
+        rows.append(row)
     return rows
 
 
@@ -195,7 +215,7 @@ def summarize(results: dict, settings: dict) -> tuple[list[str], dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny phantom, 2 steps, 1 seed (CI)")
-    p.add_argument("--settings", default="learning,benchmark", help="comma-separated: learning, benchmark")
+    p.add_argument("--settings", default="learning,benchmark,la", help="comma-separated: learning, benchmark, la")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--smoke: 0)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -214,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     results = doc["results"]
     defect = conv3d_defect()
     for row in defect:
-        print(f"bf16 Conv3d weight gradient, feature map {row['shape']}: {row['differing']} of 5 repeats differ "
-              f"(max |diff| {row['max_abs_difference']})", flush=True)
+        print(f"bf16 Conv3d weight gradient, feature map {row['shape']}: "
+              + "; ".join(f"{k} autocast {row[k]['differing']} of 5 repeats differ (max |diff| "
+                          f"{row[k]['max_abs_difference']})" for k in ("torch", "sslseg")), flush=True)
     for name, setting in settings.items():
         protocol = {k: setting[k] for k in ("data", "labeled", "iterations", "options")}
         held = results.setdefault(name, {})
@@ -232,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                     write_json(out_json, {"bench": "amp", "meta": metadata("cpu"), "results": results})
     lines, summary = summarize(results, settings)
     lines += ["", "CPU bf16 Conv3d weight-gradient defect (6 identical computations per feature-map shape; "
-                  "float32 arithmetic gives 0 differing): "
-              + "; ".join(f"{'x'.join(map(str, r['shape']))}: {r['differing']} of 5 differ, max |diff| "
-                          f"{r['max_abs_difference']}" for r in defect)]
+                  "exact arithmetic gives 0 differing), under torch's autocast and under sslseg's training "
+                  "autocast (depth-2 convolutions in float32):", ""]
+    lines += [f"- {'x'.join(map(str, r['shape']))}: torch {r['torch']['differing']} of 5 differ (max |diff| "
+              f"{r['torch']['max_abs_difference']}); sslseg {r['sslseg']['differing']} of 5 differ "
+              f"(max |diff| {r['sslseg']['max_abs_difference']})" for r in defect]
     write_json(out_json, {"bench": "amp", "meta": metadata("cpu"), "results": results, "summary": summary,
                           "conv3d_bf16_defect": defect})
     text = "\n".join(["# Default precision (amp=auto) against float32", "", *lines, ""])

@@ -168,12 +168,14 @@ class Grid(NamedTuple):
 def full_grids(scale: float = 1.0) -> list[Grid]:
     # No patch_size: the engine's default, the slices' own 80x80 (64x64 for CTCT's Swin-UNet, which
     # takes multiples of 32; an explicit 80x80 would refuse it).
-    # float32 (amp="none"), as SSL4MIS and the published tables train, and as the first records of
-    # this protocol were made before amp="auto" became the default (benches/bench_amp.py measures
-    # the default precision against float32 separately).
-    acdc = {"batch_size": 8, "labeled_bs": 4, "val_every": ACDC_VAL_EVERY, "log_every": 50, "amp": "none"}
+    # float32 (amp="none") and the contiguous memory format, as SSL4MIS and the published tables
+    # train, and as the first records of this protocol were made before amp="auto" and
+    # channels_last="auto" became the defaults (benches/bench_amp.py measures the default precision
+    # against float32 separately).
+    acdc = {"batch_size": 8, "labeled_bs": 4, "val_every": ACDC_VAL_EVERY, "log_every": 50, "amp": "none",
+            "channels_last": False}
     la = {"batch_size": 4, "labeled_bs": 2, "patch_size": [32, 32, 32], "val_every": LA_VAL_EVERY, "log_every": 25,
-          "amp": "none"}
+          "amp": "none", "channels_last": False}
     half_width = {"model_options": {"channels": [8, 16, 32, 64, 128]}}
     la_methods = [m for m in list_methods(3) if m != "dtc"]
     acdc_steps, la_steps = max(1, round(ACDC_STEPS * scale)), max(1, round(LA_STEPS * scale))

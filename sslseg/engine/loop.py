@@ -39,7 +39,7 @@ from sslseg.engine.validation import validate
 from sslseg.methods.base import NetworkSpec, SSLMethod, StepContext, get_method
 from sslseg.utils import distributed as dist
 from sslseg.utils.schedules import consistency_weight, poly_lr, sigmoid_rampup
-from sslseg.utils.precision import resolve_amp
+from sslseg.utils.precision import autocast, resolve_amp
 
 __all__ = ["NonFiniteLossError", "Trainer", "fit"]
 
@@ -352,9 +352,12 @@ class Trainer:
             for group in (self.method.nets, self.method.teachers):
                 for key in list(group.keys()):
                     group[key] = nn.SyncBatchNorm.convert_sync_batchnorm(group[key])
+        # channels_last "auto": 2D networks on the CPU (oneDNN's NHWC convolutions are faster there).
+        self.channels_last = (self.dim == 2 and self.device.type == "cpu" if eng.channels_last == "auto"
+                              else eng.channels_last)
         for net in self.method.networks().values():
             net.to(self.device)
-            if eng.channels_last:
+            if self.channels_last:
                 net.to(memory_format=torch.channels_last if self.dim == 2 else torch.channels_last_3d)
         if self.dist.enabled and rank > 0:
             # Same networks everywhere (built above from the run seed), different dropout and noise.
@@ -450,9 +453,7 @@ class Trainer:
     # ---- helpers given to methods through StepContext ----------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.amp_dtype, self.device, dim=self.dim, training=True)
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -673,7 +674,8 @@ class Trainer:
             f"{len(split.val_cases)} val / {len(split.test_cases)} test cases | batch {self.labeled_bs} labeled + "
             f"{self.unlabeled_bs} unlabeled | patch {'x'.join(str(p) for p in self.patch)}",
             f"network: {self.spec.model}, {n_eval:,} parameters (evaluated network), {n_trained:,} trained",
-            f"device: {device} | threads {torch.get_num_threads()} | AMP {self.precision.describe()}",
+            f"device: {device} | threads {torch.get_num_threads()} | AMP {self.precision.describe()}"
+            + (" | channels_last" if self.channels_last else ""),
             f"schedule: {eng.iterations} steps{start} | log every {eng.log_every} | validate every "
             f"{eng.val_every} on {len(val_cases)} case(s) ({val_volumes} volumes) | run dir {self.dir}",
         ]

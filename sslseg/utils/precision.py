@@ -12,12 +12,13 @@ the device computes bfloat16 natively and float32 everywhere else:
   without ``avx512_bf16``, an AVX2 CPU or an ARM CPU emulates bf16, which is slower than fp32, so
   those run fp32.
 
-One exception, found by sslseg's reproducibility tests: on the CPU, oneDNN's bf16 ``Conv3d``
-weight gradient is wrong (run-to-run different, at times ~1e34 or NaN) whenever a feature map has
-depth 2, as the bottleneck of a 3D U-Net on 32-voxel or anisotropic patches has (torch 2.13 and
-2.14.1, oneDNN 3.12; ``benches/bench_amp.py`` reproduces it in a few lines). So ``auto`` trains
-3D networks on the CPU in float32; their inference (forward passes only, which are exact there)
-still runs in bf16. ``bf16`` forces it anyway, with a warning.
+One workaround, found by sslseg's reproducibility tests: on the CPU, oneDNN's bf16 ``Conv3d``
+weight gradient is wrong (run-to-run different, at times ~1e34 or NaN) whenever the convolution's
+input has depth 2 and its kernel more than one slice in depth (torch 2.13 and 2.14.1, oneDNN 3.12;
+depth 1, 3, 4 and more are exact, and so are the other two axes at size 2). The bottleneck of a 3D
+U-Net on 32-voxel or anisotropic patches has depth 2. So bf16 training of 3D networks on the CPU
+runs those few small convolutions in float32 (:func:`autocast` routes them; every other layer stays
+bf16); ``benches/bench_amp.py`` probes the defect and the workaround on every run.
 
 ``"none"`` forces float32, ``"bf16"`` forces bf16 autocast (also where it is emulated), ``"fp16"``
 float16 autocast with a gradient scaler (CUDA only). Autocast lowers only the convolutions and
@@ -28,16 +29,17 @@ pseudo-label, the EMA teacher update and every metric in float32 (the methods ca
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # torch loads on first use: the CLI imports AMP_CHOICES to build `sslseg --help`
     import torch
 
-__all__ = ["AMP_CHOICES", "CPU_CONV3D_BF16_TRAINING", "Precision", "autocast_dtype", "native_bf16", "resolve_amp"]
+__all__ = ["AMP_CHOICES", "CPU_CONV3D_DEPTH2", "Precision", "autocast", "autocast_dtype", "native_bf16", "resolve_amp"]
 
-#: Why ``auto`` trains 3D networks on the CPU in float32 (see the module docstring).
-CPU_CONV3D_BF16_TRAINING = ("oneDNN's bf16 Conv3d weight gradient on the CPU is wrong for feature maps of depth 2 "
-                            "(non-deterministic, at times NaN), so 3D training on the CPU stays float32")
+#: What bf16 training of a 3D network on the CPU does differently (see the module docstring).
+CPU_CONV3D_DEPTH2 = "Conv3d layers on depth-2 feature maps train in float32 (a oneDNN bf16 defect)"
 
 #: Values of the ``amp`` option (``None`` is read as ``"none"``: configs written before ``auto``).
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -60,7 +62,9 @@ class Precision(NamedTuple):
     def describe(self) -> str:
         """One line for run headers: ``bf16 (auto: CPU with native bf16 (avx512_bf16))``."""
         label = "off (float32)" if self.chosen == "none" else self.chosen
-        return f"{label} (auto: {self.why})" if self.requested == "auto" else f"{label} (forced)"
+        if self.requested == "auto":
+            return f"{label} (auto: {self.why})"
+        return f"{label} ({self.why})"
 
 
 def native_bf16(device: torch.device | str) -> tuple[bool, str]:
@@ -103,21 +107,65 @@ def resolve_amp(amp: str | None, device: torch.device | str, *, dim: int | None 
     if requested not in AMP_CHOICES:
         raise ValueError(f"amp: expected one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     device = torch.device(device)
-    conv3d_bug = device.type == "cpu" and dim == 3 and training
+    workaround = f"; {CPU_CONV3D_DEPTH2}" if device.type == "cpu" and dim == 3 and training else ""
     if requested == "auto":
         native, why = native_bf16(device)
-        if native and conv3d_bug:
-            return Precision(requested, "none", CPU_CONV3D_BF16_TRAINING)
-        return Precision(requested, "bf16" if native else "none", why)
+        return Precision(requested, "bf16" if native else "none", why + workaround if native else why)
     if requested == "fp16" and device.type != "cuda":
         raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler), the device is {device}; "
                          "use amp='bf16' or 'auto' on the CPU")
-    if requested == "bf16" and conv3d_bug:
-        import warnings
+    return Precision(requested, requested, "forced" + (workaround if requested == "bf16" else ""))
 
-        warnings.warn(f"amp='bf16' trains a 3D network on the CPU: {CPU_CONV3D_BF16_TRAINING.split(', so')[0]}; "
-                      "amp='auto' or 'none' trains it in float32", RuntimeWarning, stacklevel=2)
-    return Precision(requested, requested, "forced")
+
+def autocast(dtype: torch.dtype | None, device: torch.device | str, *, dim: int | None = None,
+             training: bool = False) -> contextlib.AbstractContextManager:
+    """The autocast context of a run: a null context for float32 (``dtype`` None), else
+    ``torch.autocast`` to ``dtype``; for bf16 training of a 3D network (``dim=3``) on the CPU it
+    also routes the convolutions that oneDNN's bf16 weight gradient gets wrong to float32
+    (:class:`_Conv3dDepth2InFloat32`)."""
+    import torch
+
+    device = torch.device(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    cast = torch.autocast(device_type=device.type, dtype=dtype)
+    if not (device.type == "cpu" and dtype == torch.bfloat16 and dim == 3 and training):
+        return cast
+    stack = contextlib.ExitStack()
+    stack.enter_context(cast)
+    stack.enter_context(_conv3d_depth2_in_float32()())
+    return stack
+
+
+@functools.cache
+def _conv3d_depth2_in_float32() -> type:
+    """A torch function mode (class) that runs ``conv3d``/``conv_transpose3d`` in float32, outside
+    autocast, when its input has depth 2, its kernel more than one slice in depth, a gradient will
+    be computed, and CPU bf16 autocast is on: the cases where oneDNN's bf16 weight gradient is
+    wrong. Every other call passes through unchanged. Built on first use (torch loads lazily)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    convs = (torch.conv3d, torch.conv_transpose3d)
+
+    def needs_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (x.dim() == 5 and x.shape[2] == 2 and weight.shape[2] > 1 and x.device.type == "cpu"
+                and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+    def up(a):
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    class Conv3dDepth2InFloat32(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in convs and needs_float32(args[0] if args else kwargs["input"],
+                                               args[1] if len(args) > 1 else kwargs["weight"]):
+                with torch.autocast("cpu", enabled=False):
+                    return func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+            return func(*args, **kwargs)
+
+    return Conv3dDepth2InFloat32
 
 
 def autocast_dtype(amp: str | None, device: torch.device | str) -> torch.dtype | None:

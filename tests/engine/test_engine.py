@@ -149,3 +149,30 @@ def test_fit_restores_global_determinism_setting(tmp_path):
     before = torch.are_deterministic_algorithms_enabled()
     fit("supervised", TINY, labeled=2, iterations=1, out_dir=tmp_path / "d", engine_options={**OPTS, "deterministic": True})
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.parametrize(("data", "patch", "setting", "expected"), [
+    (TINY, [32, 32], "auto", True),  # 2D on the CPU: channels_last
+    (TINY, [32, 32], False, False),
+    ("synthetic:la?cases=4&size=32", [32, 32, 32], "auto", False),  # 3D on the CPU: contiguous
+    ("synthetic:la?cases=4&size=32", [32, 32, 32], True, True),
+])
+def test_channels_last_auto_is_2d_on_the_cpu(tmp_path, capsys, data, patch, setting, expected):
+    """``channels_last="auto"`` (the default) trains 2D networks on the CPU in channels_last, where
+    oneDNN's NHWC convolutions are faster; student and teacher alike, and the header says so."""
+    from sslseg.engine import Trainer
+
+    assert EngineConfig().channels_last == "auto"
+    eng = EngineConfig(data=data, labeled=0.5, iterations=1, device="cpu", channels_last=setting,
+                       **dict(OPTS, patch_size=patch))
+    tr = Trainer("mean_teacher", eng, out_dir=tmp_path / "run")
+    fmt = torch.channels_last if len(patch) == 2 else torch.channels_last_3d
+    for net in (tr.method.nets["student"], tr.method.teachers["teacher"]):
+        weights = [p for p in net.parameters() if p.dim() == len(patch) + 2 and p.shape[1] > 1 and p.shape[-1] > 1]
+        assert weights and all(w.is_contiguous(memory_format=fmt) is expected for w in weights)
+    assert tr.channels_last is expected
+    tr.run()
+    device_line = next(line for line in capsys.readouterr().out.splitlines() if "device: cpu" in line)
+    assert device_line.endswith("| channels_last") is expected
+    with pytest.raises(ValueError, match=r"channels_last must be True, False or 'auto', got 'yes'"):
+        EngineConfig(channels_last="yes")

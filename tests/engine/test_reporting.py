@@ -38,7 +38,8 @@ def test_fit_off_a_terminal_prints_header_log_and_validation_lines(tmp_path):
     assert out[1].startswith("split: 2 labeled / ") and " val / " in out[1] and " test cases" in out[1]
     assert out[2].startswith("network: unet, ") and "parameters" in out[2]
     amp = resolve_amp("auto", "cpu").describe()  # the default, with what it chose on this CPU and why
-    assert out[3].startswith("device: cpu") and "| threads " in out[3] and out[3].endswith(f"| AMP {amp}")
+    # 2D on the CPU: channels_last "auto" is on
+    assert out[3].startswith("device: cpu") and "| threads " in out[3] and out[3].endswith(f"| AMP {amp} | channels_last")
     steps = [line for line in out if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["2/4", "4/4"]
     for line in steps:

@@ -197,86 +197,118 @@ void accumulate_windows(const Tensor& out, const Tensor& pred, const A* imp, con
   const int64_t C = o5.size[1];
   const std::array<int64_t, 3> S{o5.size[2], o5.size[3], o5.size[4]};
   const auto& r = g.roi;
+  // The call's windows, clipped to the output (empty ones dropped), in window order.
+  struct Win {
+    int64_t n;  // index into pred
+    SwWindow w;
+    std::array<int64_t, 3> lo, hi;
+    int64_t cuts[4];
+  };
+  std::vector<Win> wins;
   for (int64_t n = 0; n < p5.size[0]; ++n) {
-    const SwWindow win = sw_window(g, window_begin + n);
-    std::array<int64_t, 3> lo{}, hi{};
+    Win v{n, sw_window(g, window_begin + n), {}, {}, {}};
     bool empty = false;
     for (int d = 0; d < 3; ++d) {
-      lo[d] = std::max<int64_t>(win.start[d], 0);
-      hi[d] = std::min<int64_t>(win.start[d] + r[d], S[d]);
-      empty = empty || lo[d] >= hi[d];
+      v.lo[d] = std::max<int64_t>(v.w.start[d], 0);
+      v.hi[d] = std::min<int64_t>(v.w.start[d] + r[d], S[d]);
+      empty = empty || v.lo[d] >= v.hi[d];
     }
     if (empty) continue;
     // Runs along the last dim where the first/last flags are constant: cut at first_from and
     // last_before (clamped into [lo, hi)).
-    int64_t cuts[4] = {lo[2], std::clamp(win.first_from[2], lo[2], hi[2]),
-                       std::clamp(win.last_before[2], lo[2], hi[2]), hi[2]};
-    std::sort(cuts + 1, cuts + 3);
-    const int64_t e0 = hi[0] - lo[0], e1 = hi[1] - lo[1];
-    // Parallel over the window's rows (x0, x1); the channels are the inner loop, so the row of
-    // the importance map and of the weight is read from memory once for all channels.
-    const int64_t rows = e0 * e1;
-    const int64_t grain = std::max<int64_t>(1, 32768 / (C * (hi[2] - lo[2])));
-    const int64_t obase = win.b * o5.stride[0];
-    const int64_t pbase = n * p5.stride[0];
-    const int64_t len = hi[2] - lo[2];
-    torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      // softmax: the row's probabilities for all channels, computed once, unit stride.
-      std::vector<A> buf(softmax ? (C + 2) * len : 0);
-      // separable importance: the row of the map, computed once per row for all channels.
-      std::vector<A> ibuf(kImp && separable ? r[2] : 0);
-      int64_t x1 = lo[1] + begin % e1, x0 = lo[0] + begin / e1;
-      for (int64_t row = begin; row < end; ++row) {
-        const bool outer_first = x0 >= win.first_from[0] && x1 >= win.first_from[1];
-        const bool outer_last = wp != nullptr && x0 < win.last_before[0] && x1 < win.last_before[1];
-        // Row pointers at x2 = 0 (out, weight) and at i2 = 0 (pred, importance), offset per run.
-        A* orow = op + obase + x0 * o5.stride[2] + x1 * o5.stride[3];
-        const P* prow = pp + pbase + (x0 - win.start[0]) * p5.stride[2] + (x1 - win.start[1]) * p5.stride[3];
-        const A* irow = nullptr;
-        if constexpr (kImp) {
-          if (separable) {
-            const A f0 = sep.f[0] ? sep.f[0][x0 - win.start[0]] : A(1);
-            sep_row(ibuf.data(), sep.f[2], static_cast<A>(f0 * sep.f[1][x1 - win.start[1]]), sep.floor, r[2]);
-            irow = ibuf.data();
-          } else {
-            irow = imp + ((x0 - win.start[0]) * r[1] + (x1 - win.start[1])) * r[2];
-          }
-        }
-        const A* wrow = wp ? wp + x0 * wst[0] + x1 * wst[1] : nullptr;
+    v.cuts[0] = v.lo[2];
+    v.cuts[1] = std::clamp(v.w.first_from[2], v.lo[2], v.hi[2]);
+    v.cuts[2] = std::clamp(v.w.last_before[2], v.lo[2], v.hi[2]);
+    v.cuts[3] = v.hi[2];
+    std::sort(v.cuts + 1, v.cuts + 3);
+    wins.push_back(v);
+  }
+  // One window's contribution to one output row (x0, x1): every channel, in runs of constant
+  // first/last flags. The channels are the inner loop, so the row of the importance map and of
+  // the weight is read once for all channels. buf/ibuf: per-thread scratch.
+  auto add_row = [&](const Win& v, int64_t x0, int64_t x1, std::vector<A>& buf, std::vector<A>& ibuf) {
+    const SwWindow& win = v.w;
+    const int64_t len = v.hi[2] - v.lo[2];
+    const bool outer_first = x0 >= win.first_from[0] && x1 >= win.first_from[1];
+    const bool outer_last = wp != nullptr && x0 < win.last_before[0] && x1 < win.last_before[1];
+    // Row pointers at x2 = 0 (out, weight) and at i2 = 0 (pred, importance), offset per run.
+    A* orow = op + win.b * o5.stride[0] + x0 * o5.stride[2] + x1 * o5.stride[3];
+    const P* prow = pp + v.n * p5.stride[0] + (x0 - win.start[0]) * p5.stride[2] + (x1 - win.start[1]) * p5.stride[3];
+    const A* irow = nullptr;
+    if constexpr (kImp) {
+      if (separable) {
+        const A f0 = sep.f[0] ? sep.f[0][x0 - win.start[0]] : A(1);
+        sep_row(ibuf.data(), sep.f[2], static_cast<A>(f0 * sep.f[1][x1 - win.start[1]]), sep.floor, r[2]);
+        irow = ibuf.data();
+      } else {
+        irow = imp + ((x0 - win.start[0]) * r[1] + (x1 - win.start[1])) * r[2];
+      }
+    }
+    const A* wrow = wp ? wp + x0 * wst[0] + x1 * wst[1] : nullptr;
+    if (softmax) {
+      // The row's probabilities for all channels, computed once, unit stride.
+      if (static_cast<int64_t>(buf.size()) < (C + 2) * len) buf.resize((C + 2) * len);
+      const P* p0 = prow + (v.lo[2] - win.start[2]) * p5.stride[4];
+      for (int64_t c = 0; c < C; ++c) {
+        A* bc = buf.data() + c * len;
+        const P* pc = p0 + c * p5.stride[1];
+        for (int64_t j = 0; j < len; ++j) bc[j] = static_cast<A>(pc[j * p5.stride[4]]);
+      }
+      softmax_columns(buf.data(), C, len, buf.data() + C * len, buf.data() + (C + 1) * len);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      for (int k = 0; k < 3; ++k) {
+        const int64_t a = v.cuts[k], z = v.cuts[k + 1];
+        if (a >= z) continue;
+        const bool first = outer_first && a >= win.first_from[2];
+        const bool last = outer_last && a < win.last_before[2];
+        const int64_t i2 = a - win.start[2];
+        A* o = orow + c * o5.stride[1] + a * o5.stride[4];
+        const A* ir = kImp ? irow + i2 : nullptr;
+        const A* wr = wrow ? wrow + a * wst[2] : nullptr;
         if (softmax) {
-          const P* p0 = prow + (lo[2] - win.start[2]) * p5.stride[4];
-          for (int64_t c = 0; c < C; ++c) {
-            A* b = buf.data() + c * len;
-            const P* pc = p0 + c * p5.stride[1];
-            for (int64_t j = 0; j < len; ++j) b[j] = static_cast<A>(pc[j * p5.stride[4]]);
-          }
-          softmax_columns(buf.data(), C, len, buf.data() + C * len, buf.data() + (C + 1) * len);
+          acc_segment<A, A, kImp, kUnit>(first, last, o, o5.stride[4], buf.data() + c * len + (a - v.lo[2]), 1, ir,
+                                         wr, wst[2], z - a);
+        } else {
+          acc_segment<P, A, kImp, kUnit>(first, last, o, o5.stride[4], prow + c * p5.stride[1] + i2 * p5.stride[4],
+                                         p5.stride[4], ir, wr, wst[2], z - a);
         }
-        for (int64_t c = 0; c < C; ++c) {
-          for (int k = 0; k < 3; ++k) {
-            const int64_t a = cuts[k], z = cuts[k + 1];
-            if (a >= z) continue;
-            const bool first = outer_first && a >= win.first_from[2];
-            const bool last = outer_last && a < win.last_before[2];
-            const int64_t i2 = a - win.start[2];
-            A* o = orow + c * o5.stride[1] + a * o5.stride[4];
-            const A* ir = kImp ? irow + i2 : nullptr;
-            const A* wr = wrow ? wrow + a * wst[2] : nullptr;
-            if (softmax) {
-              acc_segment<A, A, kImp, kUnit>(first, last, o, o5.stride[4], buf.data() + c * len + (a - lo[2]), 1, ir,
-                                             wr, wst[2], z - a);
-            } else {
-              acc_segment<P, A, kImp, kUnit>(first, last, o, o5.stride[4], prow + c * p5.stride[1] + i2 * p5.stride[4],
-                                             p5.stride[4], ir, wr, wst[2], z - a);
-            }
-          }
+      }
+    }
+  };
+  // One parallel region per batch element over the rows (x0, x1) of the box the call's windows
+  // span; each row takes its windows in window order, so a voxel still sees "first" before the
+  // adds and "last" after them, and the output row stays in cache from one window to the next
+  // (overlapping windows of one call read and write it from memory once, not once per window).
+  for (size_t g0 = 0; g0 < wins.size();) {
+    size_t g1 = g0;
+    int64_t lo0 = wins[g0].lo[0], hi0 = wins[g0].hi[0], lo1 = wins[g0].lo[1], hi1 = wins[g0].hi[1];
+    int64_t work = 0;
+    while (g1 < wins.size() && wins[g1].w.b == wins[g0].w.b) {
+      const Win& v = wins[g1++];
+      lo0 = std::min(lo0, v.lo[0]), hi0 = std::max(hi0, v.hi[0]);
+      lo1 = std::min(lo1, v.lo[1]), hi1 = std::max(hi1, v.hi[1]);
+      work += (v.hi[0] - v.lo[0]) * (v.hi[1] - v.lo[1]) * (v.hi[2] - v.lo[2]);
+    }
+    const int64_t e1 = hi1 - lo1, rows = (hi0 - lo0) * e1;
+    const int64_t per_row = std::max<int64_t>(1, C * work / rows);
+    const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
+    torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<A> buf;
+      std::vector<A> ibuf(kImp && separable ? r[2] : 0);
+      int64_t x1 = lo1 + begin % e1, x0 = lo0 + begin / e1;
+      for (int64_t row = begin; row < end; ++row) {
+        for (size_t i = g0; i < g1; ++i) {
+          const Win& v = wins[i];
+          if (x0 >= v.lo[0] && x0 < v.hi[0] && x1 >= v.lo[1] && x1 < v.hi[1]) add_row(v, x0, x1, buf, ibuf);
         }
-        if (++x1 == hi[1]) {
-          x1 = lo[1];
+        if (++x1 == hi1) {
+          x1 = lo1;
           ++x0;
         }
       }
     });
+    g0 = g1;
   }
 }
 
