@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({v: measure_memory(v, tuple(shape), T, device) for v in VARIANTS}))
         return 0
     sslseg.ops.require_ops()
-    QUIET["on"] = not args.smoke
+    QUIET["on"] = not args.smoke and not args.load  # under --load the host is busy on purpose
     if args.smoke:
         cases = [("2d_smoke", (2, 4, 32, 32), 4), ("3d_smoke", (1, 2, 16, 16, 12), 4)]
         rounds = args.rounds or 3

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     sslseg.ops.require_ops()
     if args.threads:
         torch.set_num_threads(args.threads)
-    QUIET["on"] = not args.smoke
+    QUIET["on"] = not args.smoke and not args.load  # under --load the host is busy on purpose
     dev = args.device
     with busy_load(args.load):
         if args.smoke:
