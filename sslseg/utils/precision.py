@@ -107,10 +107,10 @@ def resolve_amp(amp: str | None, device: torch.device | str, *, dim: int | None 
     if requested not in AMP_CHOICES:
         raise ValueError(f"amp: expected one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     device = torch.device(device)
-    workaround = f"; {CPU_CONV3D_DEPTH2}" if device.type == "cpu" and dim == 3 and training else ""
+    workaround = f"; {CPU_CONV3D_DEPTH2}" if _cpu_3d_training(device, dim, training) else ""
     if requested == "auto":
         native, why = native_bf16(device)
-        return Precision(requested, "bf16" if native else "none", why + workaround if native else why)
+        return Precision(requested, "bf16" if native else "none", (why + workaround) if native else why)
     if requested == "fp16" and device.type != "cuda":
         raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler), the device is {device}; "
                          "use amp='bf16' or 'auto' on the CPU")
@@ -122,19 +122,24 @@ def autocast(dtype: torch.dtype | None, device: torch.device | str, *, dim: int 
     """The autocast context of a run: a null context for float32 (``dtype`` None), else
     ``torch.autocast`` to ``dtype``; for bf16 training of a 3D network (``dim=3``) on the CPU it
     also routes the convolutions that oneDNN's bf16 weight gradient gets wrong to float32
-    (:class:`_Conv3dDepth2InFloat32`)."""
+    (:func:`_conv3d_depth2_in_float32`)."""
     import torch
 
     device = torch.device(device)
     if dtype is None:
         return contextlib.nullcontext()
     cast = torch.autocast(device_type=device.type, dtype=dtype)
-    if not (device.type == "cpu" and dtype == torch.bfloat16 and dim == 3 and training):
+    if not (dtype == torch.bfloat16 and _cpu_3d_training(device, dim, training)):
         return cast
     stack = contextlib.ExitStack()
     stack.enter_context(cast)
     stack.enter_context(_conv3d_depth2_in_float32()())
     return stack
+
+
+def _cpu_3d_training(device: torch.device, dim: int | None, training: bool) -> bool:
+    """Whether the depth-2 Conv3d workaround applies: training a 3D network on the CPU."""
+    return device.type == "cpu" and dim == 3 and training
 
 
 @functools.cache
